@@ -1,0 +1,1 @@
+"""QEMU: the machine spec, its command line, and the running process with its QMP session."""
