@@ -14,6 +14,7 @@ values with one clear error each. QEMU's rules on combinations live in
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -261,7 +262,25 @@ class _Params:
 
 
 # Parameters that belong to the scenario, not to the machine.
-SCENARIO_KEYS = frozenset({"image", "tiers", "timeout", "seed", "tier"})
+SCENARIO_KEYS = frozenset({"image", "tiers", "timeout", "seed", "tier", "qemu"})
+
+_BACKEND_KEYS = ("backend", "share", "hugetlb", "hugetlbsize", "seal", "mem_path", "discard_data")
+
+#: Every key `spec_from_params` understands.
+MACHINE_KEYS = frozenset(
+    {
+        "accel", "cpu", "smp", "memory", "machine", "kernel", "initrd", "cmdline", "disk",
+        "disk_format", "firmware", "firmware_interface", "firmware_vars", "ssh_forward",
+        "balloon", "free_page_reporting", "deflate_on_oom", "virtio_mem_size",
+        "virtio_mem_requested", "virtio_mem_block_size", "pvpanic", "confidential", "cbitpos",
+        "reduced_phys_bits", "snp_policy", "kernel_hashes", "author_key_enabled",
+        "vcek_disabled", "guest_visible_workarounds", "id_block", "id_auth", "host_data",
+        "tdx_attributes", "sept_ve_disable", "mrconfigid", "mrowner", "mrownerconfig",
+        "qgs_path", "qgs_vsock_cid", "qgs_vsock_port", "tsc_frequency", "trace_events", "name",
+        *_BACKEND_KEYS,
+        *(f"virtio_mem_{key}" for key in _BACKEND_KEYS),
+    }
+)  # fmt: skip
 
 
 def _backend(p: _Params, prefix: str) -> Backend:
@@ -335,6 +354,39 @@ def _confidential(p: _Params) -> Confidential | None:
             quote_generation_socket=qgs,
         )
     raise SpecError(f"unknown confidential guest type {kind!r}", "use none, snp or tdx")
+
+
+_SNP_KEYS = {
+    "cbitpos", "reduced_phys_bits", "snp_policy", "kernel_hashes", "author_key_enabled",
+    "vcek_disabled", "guest_visible_workarounds", "id_block", "id_auth", "host_data",
+}  # fmt: skip
+_TDX_KEYS = {
+    "tdx_attributes", "sept_ve_disable", "mrconfigid", "mrowner", "mrownerconfig", "qgs_path",
+    "qgs_vsock_cid", "qgs_vsock_port",
+}  # fmt: skip
+
+
+def _needs(key: str) -> str:
+    """What makes a known-but-unread parameter take effect."""
+    if key.startswith("virtio_mem_"):
+        return "virtio_mem_size (and, for backend keys, a matching virtio_mem_backend)"
+    if key in ("free_page_reporting", "deflate_on_oom"):
+        return "balloon=on"
+    if key in _SNP_KEYS:
+        return "confidential=snp"
+    if key in _TDX_KEYS:
+        return "confidential=tdx"
+    if key in ("firmware_interface", "firmware_vars"):
+        return "firmware=PATH"
+    if key in ("initrd",):
+        return "kernel=PATH"
+    if key == "disk_format":
+        return "disk=PATH"
+    if key in ("hugetlb", "hugetlbsize", "seal"):
+        return "backend=memfd"
+    if key in ("mem_path", "discard_data"):
+        return "backend=file"
+    return "another parameter"
 
 
 def spec_from_params(params: Mapping[str, Any], boot: Boot | None = None) -> MachineSpec:
@@ -430,10 +482,21 @@ def spec_from_params(params: Mapping[str, Any], boot: Boot | None = None) -> Mac
         trace_events=tuple(str(t) for t in trace),
         name=p.text("name", "cvmlab-guest") or "cvmlab-guest",
     )
-    unknown = p.unused()
-    if unknown:
+    leftovers = p.unused()
+    idle = [key for key in leftovers if key in MACHINE_KEYS]
+    if idle:
         raise SpecError(
-            f"unknown machine parameter(s): {', '.join(unknown)}",
-            "check the spelling; spec_from_params' docstring lists the keys",
+            f"parameter(s) {', '.join(idle)} have no effect here",
+            "; ".join(f"{key} needs {_needs(key)}" for key in idle),
+        )
+    unknown = leftovers
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, MACHINE_KEYS, n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise SpecError(
+            f"unknown machine parameter(s): {', '.join(hints)}",
+            f"known keys: {', '.join(sorted(MACHINE_KEYS))}",
         )
     return spec

@@ -1,0 +1,1 @@
+"""Invariants: checks that take observations and return verdicts with evidence."""

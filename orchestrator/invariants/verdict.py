@@ -1,0 +1,107 @@
+"""Verdicts: each invariant a test checked, with the numbers that decided it.
+
+A verdict is written to `verdicts.json` the moment it is made, so a test that
+dies later still leaves what it had judged. IDs are those of DESIGN.md
+section 4 (H1..H9, G1..G4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["pass", "fail", "not-applicable"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An allowed deviation: absolute (same unit as the values) or relative (fraction)."""
+
+    absolute: float = 0.0
+    relative: float = 0.0
+
+    def allows(self, expected: float, seen: float) -> bool:
+        return abs(seen - expected) <= max(self.absolute, self.relative * abs(expected))
+
+    def describe(self) -> str:
+        parts = []
+        if self.absolute:
+            parts.append(f"±{self.absolute:g}")
+        if self.relative:
+            parts.append(f"±{self.relative:.0%}")
+        return " or ".join(parts) or "exact"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    invariant: str
+    status: Status
+    summary: str
+    expected: Any = None
+    seen: Any = None
+    tolerance: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+    def line(self) -> str:
+        """One readable line, used in failure messages."""
+        text = f"{self.invariant} {self.status.upper()}: {self.summary}"
+        if self.expected is not None or self.seen is not None:
+            text += f" (expected {self.expected}, seen {self.seen}"
+            text += f", tolerance {self.tolerance})" if self.tolerance else ")"
+        return text
+
+
+def within(
+    invariant: str,
+    summary: str,
+    expected: float,
+    seen: float,
+    tolerance: Tolerance,
+    **evidence: Any,
+) -> Verdict:
+    """Pass when `seen` is within `tolerance` of `expected`."""
+    return Verdict(
+        invariant=invariant,
+        status="pass" if tolerance.allows(expected, seen) else "fail",
+        summary=summary,
+        expected=expected,
+        seen=seen,
+        tolerance=tolerance.describe(),
+        evidence=evidence,
+    )
+
+
+def holds(invariant: str, summary: str, ok: bool, **evidence: Any) -> Verdict:
+    """Pass when `ok`; `evidence` says what was looked at."""
+    return Verdict(invariant, "pass" if ok else "fail", summary, evidence=evidence)
+
+
+def not_applicable(invariant: str, reason: str) -> Verdict:
+    return Verdict(invariant, "not-applicable", reason)
+
+
+class VerdictLog:
+    """Collects verdicts and rewrites `verdicts.json` atomically after each one."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.verdicts: list[Verdict] = []
+
+    def add(self, verdict: Verdict) -> Verdict:
+        self.verdicts.append(verdict)
+        if self.path is not None:
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps([asdict(v) for v in self.verdicts], indent=2, default=str))
+            os.replace(tmp, self.path)
+        return verdict
+
+    @property
+    def failures(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.failed]
