@@ -143,3 +143,33 @@ def test_a_known_key_without_its_switch_says_what_it_needs(
 ) -> None:
     with pytest.raises(SpecError, match=f"have no effect here: .* needs {needs}"):
         spec_from_params(params, boot=IMAGE_BOOT)
+
+
+def test_json_round_trip_gives_an_equal_spec() -> None:
+    import json
+
+    from orchestrator.qemu.spec import spec_from_json, spec_to_json
+
+    specs = [
+        spec_from_params(
+            {"backend": "file", "mem_path": "/dev/shm", "balloon": "on"}, boot=IMAGE_BOOT
+        ),
+        spec_from_params(
+            {"virtio_mem_size": "1G", "virtio_mem_backend": "memfd", "trace_events": "a b"},
+            boot=IMAGE_BOOT,
+        ),
+        spec_from_params(
+            {"accel": "kvm", "confidential": "tdx", "qgs_path": "/run/qgs.sock", "firmware": "/f"},
+            boot=IMAGE_BOOT,
+        ),
+        spec_from_params({"disk": "/d.qcow2", "confidential": "snp", "cbitpos": 51}),
+    ]
+    for spec in specs:
+        assert spec_from_json(json.loads(json.dumps(spec_to_json(spec)))) == spec
+
+
+def test_a_malformed_saved_spec_is_a_spec_error() -> None:
+    from orchestrator.qemu.spec import spec_from_json
+
+    with pytest.raises(SpecError, match="malformed"):
+        spec_from_json({"boot": {"type": "kernel"}})

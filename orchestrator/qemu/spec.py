@@ -14,6 +14,7 @@ values with one clear error each. QEMU's rules on combinations live in
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -500,3 +501,73 @@ def spec_from_params(params: Mapping[str, Any], boot: Boot | None = None) -> Mac
             f"known keys: {', '.join(sorted(MACHINE_KEYS))}",
         )
     return spec
+
+
+# --- JSON round trip (argv.json's companion, repro bundles) --------------------------
+
+
+def spec_to_json(spec: MachineSpec) -> dict[str, Any]:
+    """A JSON-ready dict of `spec`; `spec_from_json` reads it back to an equal spec."""
+    data = dataclasses.asdict(spec)
+    data["boot"]["type"] = "kernel" if isinstance(spec.boot, KernelBoot) else "disk"
+    data["trace_events"] = list(spec.trace_events)
+    return data
+
+
+def _backend_from_json(data: Mapping[str, Any]) -> Backend:
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    kind = data.get("kind")
+    if kind == "anon":
+        return AnonBackend(**fields)
+    if kind == "memfd":
+        return MemfdBackend(**fields)
+    if kind == "file":
+        return FileBackend(**fields)
+    raise SpecError(f"backend kind {kind!r} in a saved spec is unknown", "re-run the test")
+
+
+def _optional(data: Mapping[str, Any] | None, make: Any) -> Any:
+    return None if data is None else make(data)
+
+
+def spec_from_json(data: Mapping[str, Any]) -> MachineSpec:
+    """Rebuild a spec saved by `spec_to_json`; a malformed record is a SpecError."""
+    try:
+        boot_data = dict(data["boot"])
+        boot_type = boot_data.pop("type")
+        firmware = _optional(boot_data.pop("firmware", None), lambda d: Firmware(**d))
+        boot: Boot = (
+            KernelBoot(firmware=firmware, **boot_data)
+            if boot_type == "kernel"
+            else DiskBoot(firmware=firmware, **boot_data)
+        )
+
+        def virtio_mem(d: Mapping[str, Any]) -> VirtioMem:
+            rest = {k: v for k, v in d.items() if k != "backend"}
+            return VirtioMem(backend=_backend_from_json(d["backend"]), **rest)
+
+        def confidential(d: Mapping[str, Any]) -> Confidential:
+            rest = {k: v for k, v in d.items() if k != "kind"}
+            if d["kind"] == "snp":
+                return SnpGuest(**rest)
+            qgs = _optional(
+                rest.pop("quote_generation_socket", None), lambda q: QuoteGenerationSocket(**q)
+            )
+            return TdxGuest(quote_generation_socket=qgs, **rest)
+
+        plain = {
+            k: v
+            for k, v in data.items()
+            if k not in ("boot", "backend", "balloon", "virtio_mem", "confidential", "trace_events")
+        }
+        return MachineSpec(
+            boot=boot,
+            backend=_backend_from_json(data["backend"]),
+            balloon=_optional(data.get("balloon"), lambda d: Balloon(**d)),
+            virtio_mem=_optional(data.get("virtio_mem"), virtio_mem),
+            confidential=_optional(data.get("confidential"), confidential),
+            trace_events=tuple(data.get("trace_events", ())),
+            **plain,
+        )
+    except (KeyError, TypeError) as exc:
+        raise SpecError(f"a saved machine spec is malformed ({exc})", "re-run the test") from None
