@@ -1,0 +1,130 @@
+"""Build step `static-c`: compile a small C program statically and install it in the image.
+
+The minimal image has no C library of its own (busybox is static, dropbear brings
+its few libraries), so guest helpers are linked statically with the host's gcc and
+glibc (`libc.a`, package libc6-dev). Recipe form:
+
+    steps:
+      - kind: static-c
+        sources: [guest-helper/cvmlab-mem.c]   # relative to the recipe directory
+        dest: /usr/bin/cvmlab-mem
+        mode: "0755"                           # optional, default 0755
+        cflags: [-DX=1]                        # optional, after the fixed flags
+        host_packages: [gcc-12, libc6-dev]     # the planner hashes their versions
+
+The fixed flags (`-static -O2 -Wall -Wextra -Werror`) make a warning a build error,
+so a helper that builds here builds the same in CI. The result is checked to be
+static: a dynamically linked binary would fail in the guest with a bare "not found".
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import struct
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import ImageError
+
+if TYPE_CHECKING:  # builder imports this module to register the step: no import cycle
+    from orchestrator.image.builder import BuildContext
+
+STEP_KIND = "static-c"
+COMPILER = "gcc"
+FIXED_CFLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
+_PT_INTERP = 3
+_COMPILE_TIMEOUT = 300
+
+
+def static_c_argv(
+    sources: Sequence[Path], output: Path, cflags: Sequence[str] = (), compiler: str = COMPILER
+) -> list[str]:
+    """The compiler command line (pure)."""
+    return [compiler, *FIXED_CFLAGS, *cflags, "-o", str(output), *(str(s) for s in sources)]
+
+
+def is_static_elf(data: bytes) -> bool:
+    """True for a 64-bit little-endian ELF with no PT_INTERP header (no dynamic loader)."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for index in range(phnum):
+        start = phoff + index * phentsize
+        if start + 4 > len(data):
+            return False
+        (p_type,) = struct.unpack_from("<I", data, start)
+        if p_type == _PT_INTERP:
+            return False
+    return True
+
+
+def compile_static_c(
+    sources: Sequence[Path], output: Path, cflags: Sequence[str] = (), compiler: str = COMPILER
+) -> bytes:
+    """Compile `sources` into the static executable `output` and return its bytes.
+
+    ImageError (with the compiler's messages) when the compiler is missing, the code does
+    not compile warning-free, or the result is not static.
+    """
+    if shutil.which(compiler) is None:
+        raise ImageError(
+            f"the C compiler {compiler!r} is not installed (needed for static guest helpers)",
+            "install gcc and libc6-dev (ci/setup-host.sh does)",
+        )
+    for source in sources:
+        if not source.is_file():
+            raise ImageError(f"C source {source} does not exist", "fix the recipe's sources")
+    argv = static_c_argv(sources, output, cflags, compiler)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT, check=False
+    )
+    if result.returncode != 0:
+        raise ImageError(
+            f"compiling {', '.join(s.name for s in sources)} failed: `{shlex.join(argv)}`",
+            "fix the C code (warnings are errors) or install libc6-dev for libc.a",
+            detail=(result.stdout + result.stderr)[-4000:],
+        )
+    data = output.read_bytes()
+    if not is_static_elf(data):
+        raise ImageError(f"{output.name} is not a static executable", "keep -static in the flags")
+    return data
+
+
+def _string_list(params: dict[str, Any], key: str) -> list[str]:
+    value = params.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ImageError(f"static-c step: '{key}' must be a list of strings", "fix the recipe")
+    return value
+
+
+def build_static_c(ctx: BuildContext, params: dict[str, Any]) -> None:
+    """The `static-c` step handler (signature of builder.StepHandler)."""
+    sources = _string_list(params, "sources")
+    if not sources:
+        raise ImageError("static-c step: 'sources' is empty", "name the C files to compile")
+    dest = params.get("dest")
+    if not isinstance(dest, str) or not dest.startswith("/") or ".." in PurePosixPath(dest).parts:
+        raise ImageError(
+            f"static-c step: dest {dest!r} is not an absolute guest path",
+            "write e.g. dest: /usr/bin/cvmlab-mem",
+        )
+    mode_text = str(params.get("mode", "0755"))
+    try:
+        mode = int(mode_text, 8)
+    except ValueError:
+        raise ImageError(
+            f"static-c step: mode {mode_text!r} is not octal", 'write "0755"'
+        ) from None
+    recipe_dir = ctx.recipe.directory.resolve()
+    paths = [(recipe_dir / s).resolve() for s in sources]
+    for path in paths:
+        if not path.is_relative_to(recipe_dir):
+            raise ImageError(f"static-c step: source {path} is outside the recipe", "fix sources")
+    output = ctx.work / PurePosixPath(dest).name
+    ctx.progress(f"step: static-c {', '.join(sources)} -> {dest}")
+    data = compile_static_c(paths, output, _string_list(params, "cflags"))
+    ctx.archive.add_file(dest, data, mode)
