@@ -53,3 +53,8 @@ class GuestCrashed(GuestError):
 
 class HostError(CvmlabError):
     """The host lacks a capability or permission a step needs."""
+
+
+class MemoryOpError(CvmlabError):
+    """A memory operation (hole punch, balloon, virtio-mem, conversion) cannot be done as asked:
+    a range outside guest RAM, unaligned, across a hole, or a backing that cannot do it."""
