@@ -3,7 +3,7 @@
 Used to touch guest_memfd memory from the host (faults, patterns, zero checks)
 and to give memslots a `userspace_addr`. Reads and writes go through ctypes,
 so a fault the kernel answers with SIGBUS kills the calling process: touch
-memory that may be inaccessible only in a child process (see `sigbus.py`).
+memory that may be inaccessible only in a child process (see `child.py`).
 """
 
 from __future__ import annotations
