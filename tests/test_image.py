@@ -204,6 +204,23 @@ def test_an_unknown_kernel_version_lists_the_versions_the_suite_has(image: Image
     assert image.kernel_release in info.value.fix
 
 
+def test_an_unreachable_archive_is_an_image_error_naming_it(tmp_path: Path) -> None:
+    recipe_dir = tmp_path / "recipe"
+    shutil.copytree(images_root() / "minimal", recipe_dir)
+    text = (recipe_dir / "recipe.yaml").read_text()
+    # Port 9 (discard) on loopback: nothing listens, so the connection is refused at once.
+    mirror = "http://127.0.0.1:9/debian"
+    (recipe_dir / "recipe.yaml").write_text(
+        text.replace("mirror: http://deb.debian.org/debian", f"mirror: {mirror}")
+    )
+    with pytest.raises(ImageError) as info:
+        build_image(str(recipe_dir), progress=lambda _message: None)
+    assert f"cannot fetch the package index of bookworm-backports from {mirror}" in str(info.value)
+    assert not [
+        p for p in (cache_root() / "apt").iterdir() if p.name.startswith("bookworm-backports-")
+    ]
+
+
 def test_an_unknown_recipe_names_the_ones_that_exist() -> None:
     with pytest.raises(ImageError) as info:
         load_recipe("no-such-recipe")

@@ -106,6 +106,8 @@ class KernelSource:
 
     release: str
     package: ArchivePackage | None = None
+    # The packages to unpack (`package` first); several for split 7.x kernels.
+    parts: tuple[ArchivePackage, ...] = ()
     apt: PrivateApt | None = None
     vmlinuz: Path | None = None
     modules_dir: Path | None = None
@@ -273,9 +275,10 @@ def plan_image(
         apt.ensure_lists(refresh, progress)
         progress(f"resolving the {recipe.kernel_flavour} kernel in {suite}")
         choice = resolve_archive_kernel(apt, recipe.kernel_flavour, kernel_version)
-        kernel = KernelSource(choice.release, package=choice.package, apt=apt)
-        packages[choice.package.name] = choice.package.version
-        inputs[f"deb/{choice.package.deb_name}"] = choice.package.sha256
+        kernel = KernelSource(choice.release, choice.package, choice.parts, apt=apt)
+        for part in choice.parts:
+            packages[part.name] = part.version
+            inputs[f"deb/{part.deb_name}"] = part.sha256
         key["kernel"] = {"source": "archive", "suite": suite, "mirror": recipe.mirror}
     step_packages = _step_packages(recipe, kernel)
     for package in step_packages:
@@ -389,22 +392,44 @@ def _kernel_files(plan: Plan, work: Path, progress: Progress) -> tuple[Path, Pat
     release = kernel.release
     if kernel.package is None:
         assert kernel.vmlinuz is not None and kernel.modules_dir is not None
-        config = kernel.vmlinuz.parent / f"config-{release}"
-        return kernel.vmlinuz, kernel.modules_dir, config if config.exists() else None
+        candidates = (kernel.vmlinuz.parent / f"config-{release}", kernel.modules_dir / "config")
+        return kernel.vmlinuz, kernel.modules_dir, next((c for c in candidates if c.exists()), None)
     assert kernel.apt is not None
-    deb = kernel.apt.download(kernel.package, cache_root() / "debs", progress)
     root = work / "kernel"
-    progress(f"unpacking {deb.name}")
-    extract_deb(deb, root)
-    modules_dir = root / "lib" / "modules" / release
-    vmlinuz = root / "boot" / f"vmlinuz-{release}"
-    if not vmlinuz.exists() or not modules_dir.is_dir():
-        raise ImageError(f"{deb.name} has no boot/vmlinuz-{release}", "pass --kernel-version")
+    for part in kernel.parts:
+        deb = kernel.apt.download(part, cache_root() / "debs", progress)
+        progress(f"unpacking {deb.name}")
+        extract_deb(deb, root)
+    names = ", ".join(part.name for part in kernel.parts)
+    # Debian 12 ships /boot/vmlinuz-<release> and /lib/modules/<release>; the split 7.x
+    # packages ship everything, vmlinuz and config included, in /usr/lib/modules/<release>.
+    modules_dir = next(
+        (
+            d
+            for d in (root / "lib/modules" / release, root / "usr/lib/modules" / release)
+            if d.is_dir()
+        ),
+        None,
+    )
+    if modules_dir is None:
+        raise ImageError(f"{names} hold no modules for {release}", "pass another --kernel-version")
+    vmlinuz = next(
+        (p for p in (root / "boot" / f"vmlinuz-{release}", modules_dir / "vmlinuz") if p.exists()),
+        None,
+    )
+    if vmlinuz is None:
+        raise ImageError(f"{names} hold no vmlinuz for {release}", "pass another --kernel-version")
     if not (modules_dir / "modules.dep").exists():
         # Debian generates modules.dep when it installs a kernel; we do it on the copy.
+        # depmod -b reads <base>/lib/modules: give the /usr layout that path too.
+        if not (root / "lib").exists():
+            (root / "lib").symlink_to("usr/lib")
         _run_tool(["depmod", "-b", str(root), release], "depmod")
-    config = root / "boot" / f"config-{release}"
-    return vmlinuz, modules_dir, config if config.exists() else None
+    config = next(
+        (p for p in (root / "boot" / f"config-{release}", modules_dir / "config") if p.exists()),
+        None,
+    )
+    return vmlinuz, modules_dir, config
 
 
 def _add_modules(ctx: BuildContext, selection: ModuleSelection) -> None:

@@ -231,6 +231,8 @@ class PrivateApt:
             # Downloads go to a directory only root can read; apt's _apt user could not.
             "APT::Sandbox::User": "root" if os.geteuid() == 0 else "",
             "Acquire::Languages": "none",
+            # apt's default (3 retries with backoff) turns "archive unreachable" into 7 s.
+            "Acquire::Retries": "1",
             "APT::Architectures": "amd64",
             "APT::Architecture": "amd64",
         }
@@ -278,7 +280,10 @@ class PrivateApt:
                 self._stamp.touch()
                 return
             reason = _apt_error(result)
-            if age is not None and not refresh:
+            if age is None:
+                # Never worked (a misspelt suite, no network): leave no empty state behind.
+                shutil.rmtree(self.root, ignore_errors=True)
+            elif not refresh:
                 days = age / 86400
                 progress(f"cannot refresh {self.suite} ({reason}); using lists {days:.1f} days old")
                 return

@@ -78,10 +78,16 @@ def bzimage_release(vmlinuz: Path) -> str:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """A kernel package in the archive and the release it installs."""
+    """A kernel package in the archive, the release it installs, and the packages to unpack.
+
+    `parts` starts with `package`. Newer Debian kernels (7.x in trixie-backports) split
+    the kernel: linux-image-<release> only depends on linux-binary-<release> (vmlinuz),
+    linux-modules-<release> and linux-base-<release>; those are parts too.
+    """
 
     package: ArchivePackage
     release: str
+    parts: tuple[ArchivePackage, ...]
 
 
 def _release_of(package_name: str) -> str:
@@ -114,7 +120,34 @@ def resolve_archive_kernel(apt: PrivateApt, flavour: str, version: str | None) -
     package = apt.show(target)
     if package is None:
         raise ImageError(f"{apt.suite} lists {target} but has no record of it", "use --refresh")
-    return KernelChoice(package, _release_of(package.name))
+    release = _release_of(package.name)
+    return KernelChoice(package, release, (package, *_kernel_parts(apt, package, release)))
+
+
+def _kernel_parts(apt: PrivateApt, image: ArchivePackage, release: str) -> list[ArchivePackage]:
+    """The linux-*-<release> packages the image package depends on, at its exact version."""
+    part_name = re.compile(rf"^linux-[a-z]+-{re.escape(release)}$")
+    parts: list[ArchivePackage] = []
+    pending = [image]
+    seen = {image.name}
+    while pending:
+        current = pending.pop()
+        for entry in current.depends.split(","):
+            name = entry.split("|")[0].split("(")[0].strip()
+            if not part_name.match(name) or name in seen:
+                continue
+            seen.add(name)
+            part = apt.show(name)
+            if part is None or part.version != image.version:
+                found = part.version if part else "nothing"
+                raise ImageError(
+                    f"{image.name} {image.version} needs {name} at the same version; "
+                    f"{apt.suite} has {found}",
+                    "run with --refresh, or pass another --kernel-version",
+                )
+            parts.append(part)
+            pending.append(part)
+    return parts
 
 
 def _match_version(apt: PrivateApt, flavour: str, version: str) -> str:
