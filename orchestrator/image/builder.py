@@ -61,8 +61,10 @@ Progress = Callable[[str], None]
 
 HOST_KEY_PATH = "/etc/dropbear/dropbear_ed25519_host_key"
 CLIENT_KEY = "id_ed25519"
-# Modules of this package that do not shape the image (all others are part of its hash).
-_NOT_BUILDER_SOURCES = ("__init__.py", "cli.py")
+# Modules of this package whose code shapes every image: their hash is part of the key
+# (with the modules of the step kinds a recipe uses, so editing one step's code does not
+# rebuild images that do not use it).
+_CORE_SOURCES = ("builder.py", "cpio.py", "debian.py", "kernel.py", "manifest.py", "recipe.py")
 
 
 def stderr_progress(message: str) -> None:
@@ -139,13 +141,15 @@ def _recipe_inputs(recipe: Recipe) -> dict[str, str]:
     }
 
 
-def _builder_inputs() -> dict[str, str]:
+def _builder_inputs(recipe: Recipe) -> dict[str, str]:
     here = Path(__file__).resolve().parent
-    return {
-        f"builder/{path.name}": sha256_file(path)
-        for path in sorted(here.glob("*.py"))
-        if path.name not in _NOT_BUILDER_SOURCES
-    }
+    paths = {here / name for name in _CORE_SOURCES}
+    for step in recipe.steps:
+        for function in (STEP_HANDLERS.get(step.kind), STEP_PACKAGES.get(step.kind)):
+            module = sys.modules.get(getattr(function, "__module__", ""))
+            if module is not None and module.__file__:
+                paths.add(Path(module.__file__).resolve())
+    return {f"builder/{path.name}": sha256_file(path) for path in sorted(paths)}
 
 
 def _host_files(recipe: Recipe) -> tuple[list[HostFile], dict[str, str]]:
@@ -256,7 +260,7 @@ def plan_image(
         )
     check_debian_host()
     recipe = load_recipe(recipe_name)
-    inputs = {**_recipe_inputs(recipe), **_builder_inputs()}
+    inputs = {**_recipe_inputs(recipe), **_builder_inputs(recipe)}
     packages: dict[str, str] = {}
     key: dict[str, Any] = {"recipe": recipe.name}
     apt: PrivateApt | None = None
