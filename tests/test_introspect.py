@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,6 +17,17 @@ from orchestrator.qemu.version import FEATURES, QemuVersion, feature, has_featur
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+
+
+def child_pids() -> list[str]:
+    """Children of every thread of this process (spawn() forks from its own thread)."""
+    pids: list[str] = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += (task / "children").read_text().split()
+    return pids
+
+
 LOADER = Path("/lib64/ld-linux-x86-64.so.2")
 
 
@@ -100,7 +112,7 @@ def test_facts_survive_a_json_round_trip(facts: QemuFacts) -> None:
 def test_probe_leaves_no_qemu_running(facts: QemuFacts) -> None:
     fresh = introspect_qemu(use_cache=False)
     # Our own children only: a probe's QEMU is reaped before introspect returns.
-    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    children = child_pids()
     assert fresh.version == facts.version
     assert children == []
 
@@ -185,5 +197,5 @@ def test_binary_that_never_answers_qmp_times_out_and_is_killed(tmp_path: Path) -
     silent.chmod(0o755)
     with pytest.raises(QemuError, match=r"did not answer QMP within 0\.5 s"):
         introspect_qemu(str(silent), use_cache=False, timeout=0.5)
-    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    children = child_pids()
     assert children == []

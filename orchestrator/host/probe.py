@@ -519,6 +519,7 @@ def _boot_check(qemu: QemuFacts, timeout: float, accel: Accel = "kvm") -> dict[s
     `accel` is "kvm" for the probe; tests pass "tcg" to see the check succeed here.
     """
     from orchestrator.qemu.argv import Plumbing, build_argv
+    from orchestrator.qemu.spawn import spawn
     from orchestrator.qemu.spec import KernelBoot, MachineSpec
 
     try:
@@ -545,9 +546,8 @@ def _boot_check(qemu: QemuFacts, timeout: float, accel: Accel = "kvm") -> dict[s
     started = time.monotonic()
     try:
         with tempfile.TemporaryFile() as stderr:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr
-            )
+            # spawn(): the guest dies with us even if the probe is killed mid-check.
+            proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
             try:
                 result = _wait_for_marker(proc, image.ready_marker, started + timeout)
             finally:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator.errors import QemuError
+from orchestrator.qemu.spawn import spawn
 from orchestrator.qemu.version import QemuVersion
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -320,7 +321,9 @@ def _probe(command: tuple[str, ...], timeout: float) -> QemuFacts:
     with ours, tempfile.TemporaryFile() as stderr:
         try:
             with theirs:
-                proc = subprocess.Popen(
+                # spawn(): SIGKILLed if this process dies, because a -machine none
+                # QEMU does not exit when its monitor goes away.
+                proc = spawn(
                     argv,
                     pass_fds=(theirs.fileno(),),
                     stdin=subprocess.DEVNULL,
