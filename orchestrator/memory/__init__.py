@@ -1,0 +1,1 @@
+"""Memory operations on a running guest: hole punches, balloon, virtio-mem; the GPA map."""
