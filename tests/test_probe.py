@@ -50,6 +50,13 @@ def child_pids() -> list[str]:
 REAL_KVM_PVM_HOST = Path("/sys/module/kvm_pvm").is_dir()
 
 
+@pytest.fixture(autouse=True)
+def no_firmware_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lab's CVMLAB_*_FIRMWARE must not leak into the fake hosts."""
+    monkeypatch.delenv("CVMLAB_TDX_FIRMWARE", raising=False)
+    monkeypatch.delenv("CVMLAB_SNP_FIRMWARE", raising=False)
+
+
 # --- fake hosts -------------------------------------------------------------------------------
 
 
@@ -350,6 +357,19 @@ def test_firmware_override_that_does_not_exist_is_the_reason(
     )
     assert not probe.tiers["tdx"].available
     assert "TDVF /lab/TDVF.fd (given) does not exist" in probe.tiers["tdx"].reason
+
+
+def test_firmware_from_the_environment_is_used(
+    tmp_path: Path, qemu_11_1: QemuFacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tdx_host(tmp_path)
+    (root / "usr/share/ovmf/OVMF.inteltdx.fd").unlink()
+    (root / "lab").mkdir()
+    (root / "lab/TDVF.fd").write_bytes(b"tdvf")
+    monkeypatch.setenv("CVMLAB_TDX_FIRMWARE", "/lab/TDVF.fd")
+    probe = probe_host(root=root, qemu_facts=qemu_11_1)
+    assert probe.tiers["tdx"].available, probe.tiers["tdx"].reason
+    assert probe.tiers["tdx"].evidence["firmware_search"]["source"] == "override"
 
 
 # --- the real host -------------------------------------------------------------------------------

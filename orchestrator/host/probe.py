@@ -15,6 +15,7 @@ against a real character device; a fake tree's `dev/kvm` is a plain file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import selectors
@@ -76,6 +77,11 @@ TDX_METADATA_OFFSET_GUID = uuid.UUID("e47a6535-984a-4798-865e-4685a7bf8ec2")
 OVMF_SEV_METADATA_GUID = uuid.UUID("dc886566-984a-4798-a75e-5585a7bf67cc")
 
 FirmwareKind = Literal["tdx", "snp"]
+# Where a lab names its firmware for every probe (scenarios included) without code.
+FIRMWARE_ENV: dict[FirmwareKind, str] = {
+    "tdx": "CVMLAB_TDX_FIRMWARE",
+    "snp": "CVMLAB_SNP_FIRMWARE",
+}
 _FIRMWARE = {
     "tdx": ("intel-tdx", TDX_FIRMWARE_PATHS, TDX_FIRMWARE_NAMES, TDX_METADATA_OFFSET_GUID),
     "snp": ("amd-sev-snp", SNP_FIRMWARE_PATHS, SNP_FIRMWARE_NAMES, OVMF_SEV_METADATA_GUID),
@@ -256,8 +262,6 @@ def ovmf_guids(path: Path) -> set[uuid.UUID] | None:
 
 def _descriptor_candidates(host: _Host, feature_name: str) -> list[tuple[str, str, str]]:
     """(firmware path, descriptor file, mapping device) of descriptors with `feature_name`."""
-    import json
-
     found = []
     for directory in FIRMWARE_DESCRIPTOR_DIRS:
         try:
@@ -455,7 +459,7 @@ def _snp_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     if qemu_problem:
         problems.append(qemu_problem)
     if fw_path is None:
-        problems.append(_firmware_problem("SNP-capable OVMF", fw_evidence))
+        problems.append(_firmware_problem("SNP-capable OVMF", fw_evidence, "snp"))
     if problems:
         return Tier("snp", False, "; ".join(problems), evidence)
     assert qemu is not None
@@ -487,7 +491,7 @@ def _tdx_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     if qemu_problem:
         problems.append(qemu_problem)
     if fw_path is None:
-        problems.append(_firmware_problem("TDVF", fw_evidence))
+        problems.append(_firmware_problem("TDVF", fw_evidence, "tdx"))
     if problems:
         return Tier("tdx", False, "; ".join(problems), evidence)
     assert qemu is not None
@@ -499,14 +503,14 @@ def _tdx_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     )
 
 
-def _firmware_problem(what: str, evidence: dict[str, Any]) -> str:
+def _firmware_problem(what: str, evidence: dict[str, Any], kind: FirmwareKind) -> str:
     if "missing" in evidence:
         return f"{what} {evidence['missing']} (given) does not exist"
     rejected = evidence.get("rejected")
     extra = f" ({'; '.join(rejected)})" if rejected else ""
     return (
-        f"no {what} found in the usual places{extra}; "
-        "name it with `cvmlab probe --tdx-firmware/--snp-firmware PATH`"
+        f"no {what} found in the usual places{extra}; name it with "
+        f"`cvmlab probe --{kind}-firmware PATH` or {FIRMWARE_ENV[kind]}=PATH"
     )
 
 
@@ -593,6 +597,11 @@ def _wait_for_marker(proc: subprocess.Popen[bytes], marker: str, deadline: float
 # --- entry point -----------------------------------------------------------------------------
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "")
+    return Path(value) if value else None
+
+
 def probe_host(
     qemu_binary: str | Sequence[str] = DEFAULT_BINARY,
     *,
@@ -607,12 +616,16 @@ def probe_host(
 
     A missing QEMU is not raised: it makes `tcg` (and every tier needing QEMU)
     unavailable, with `qemu_error` saying why. `check_accel` also boots the
-    default image with -accel kvm (seconds; needs the image built). `qemu_facts`
+    default image with -accel kvm (seconds; needs the image built). Firmware not
+    given is taken from $CVMLAB_TDX_FIRMWARE / $CVMLAB_SNP_FIRMWARE, else searched.
+    `qemu_facts`
     replaces introspecting `qemu_binary` (facts already at hand, or a QEMU only
     documented, such as a TDX-capable one in a fake-host test).
     """
     started = time.monotonic()
     host = _Host(root)
+    tdx_firmware = tdx_firmware or _env_path(FIRMWARE_ENV["tdx"])
+    snp_firmware = snp_firmware or _env_path(FIRMWARE_ENV["snp"])
     qemu: QemuFacts | None = None
     qemu_error: str | None = None
     if qemu_facts is not None:
