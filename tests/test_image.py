@@ -31,7 +31,7 @@ from orchestrator.image import (
 )
 from orchestrator.image.builder import cache_root, run_command_step
 from orchestrator.image.cpio import CpioArchive
-from orchestrator.image.debian import sha256_file
+from orchestrator.image.debian import host_package_versions, sha256_file
 from orchestrator.image.kernel import bzimage_release, module_name, select_modules
 from orchestrator.image.recipe import images_root, load_recipe
 
@@ -221,6 +221,13 @@ def test_an_unreachable_archive_is_an_image_error_naming_it(tmp_path: Path) -> N
     ]
 
 
+def test_a_missing_host_package_is_named_with_the_setup_script() -> None:
+    with pytest.raises(ImageError) as info:
+        host_package_versions(["busybox-static", "cvmlab-no-such-package"])
+    assert "cvmlab-no-such-package is not installed" in info.value.problem
+    assert "ci/setup-host.sh" in info.value.fix
+
+
 def test_an_unknown_recipe_names_the_ones_that_exist() -> None:
     with pytest.raises(ImageError) as info:
         load_recipe("no-such-recipe")
@@ -397,3 +404,36 @@ def test_the_guest_console_has_no_warning_bug_or_oops(
     result, _ = raw_boot
     bad = [line for line in result.stdout.splitlines() if BAD_CONSOLE.search(line)]
     assert not bad, result.stdout
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_the_cli_prints_the_image_directory_last(image: ImageManifest) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.image.cli", "build"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == str(image.directory)
+    assert f"image: cache hit {image.directory.name}" in result.stderr
+
+
+def test_the_cli_reports_bad_input_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.image.cli", "build", "--vmlinuz", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "cvmlab: --vmlinuz and --modules-dir go together: pass both (the kernel image and "
+        "its /lib/modules/<release> directory)"
+    ]
