@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +62,7 @@ FIX_MISSING = (
 )
 
 _T = TypeVar("_T")
+_CLIENT_NAME = "cvmlab-introspect"
 
 
 @dataclass(frozen=True)
@@ -223,23 +224,14 @@ def _run_coroutine(factory: Callable[[], Awaitable[_T]]) -> _T:
         return pool.submit(asyncio.run, main()).result()
 
 
-@contextlib.contextmanager
-def _quiet_qmp_logging() -> Iterator[None]:
-    """qemu.qmp logs a failed connect at ERROR; our QemuError already says it, once."""
-    logger = logging.getLogger("qemu.qmp")
-    old = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
 async def _ask(sock: socket.socket) -> dict[str, Any]:
     """The QMP exchange: version, accelerators, machines, types, properties; then quit."""
     from qemu.qmp import QMPClient  # import here: the cache path never needs it
 
-    client = QMPClient("cvmlab-introspect")
+    # qemu.qmp logs a failed connect at ERROR on the client's own logger; our
+    # QemuError says it once, with QEMU's stderr. Only this client's logger is muted.
+    logging.getLogger(f"qemu.qmp.protocol.{_CLIENT_NAME}").setLevel(logging.CRITICAL)
+    client = QMPClient(_CLIENT_NAME)
     await client.connect(sock)
     try:
         answers: dict[str, Any] = {
@@ -333,8 +325,7 @@ def _probe(command: tuple[str, ...], timeout: float) -> QemuFacts:
         except OSError as error:
             raise QemuError(f"cannot run QEMU {command[-1]!r}: {error}", FIX_MISSING) from None
         try:
-            with _quiet_qmp_logging():
-                answers = _run_coroutine(lambda: asyncio.wait_for(_ask(ours), timeout))
+            answers = _run_coroutine(lambda: asyncio.wait_for(_ask(ours), timeout))
         except Exception as error:
             # A QEMU that failed at start may still be writing its reason to stderr.
             status = _stop(proc, grace=0.5)
