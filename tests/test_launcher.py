@@ -357,3 +357,17 @@ def test_machine_started_in_a_short_lived_thread_outlives_the_thread(
         rung = machine.shutdown()
     assert rung == "quit"  # not ready yet, so no powerdown rung
     assert not Path(f"/proc/{machine.pid}").exists()
+
+
+@pytest.mark.vm
+def test_qmp_socket_directory_stays_short_under_a_long_tmpdir(
+    guest_image: ImageManifest, evidence_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # avocado's per-test directories are far longer than AF_UNIX's 108 bytes.
+    long_tmp = evidence_dir / ("x" * 100)
+    long_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with Machine(_spec(guest_image), evidence_dir) as machine:
+        machine.start()
+        assert machine.rundir is not None and len(str(machine.rundir / "qmp.sock")) < 108
+        assert machine.qmp.connected

@@ -85,6 +85,16 @@ def _kill_live_machines() -> None:
 atexit.register(_kill_live_machines)
 
 
+# Room left for "/cvmlab-XXXXXXXX/qmp.sock" under the 108-byte AF_UNIX limit.
+_MAX_TEMPDIR_LEN = 80
+
+
+def _short_tempdir() -> str:
+    """$TMPDIR when it is short enough for a socket path, else /tmp."""
+    candidate = tempfile.gettempdir()
+    return candidate if len(candidate) <= _MAX_TEMPDIR_LEN else "/tmp"
+
+
 def _first_error_line(stderr: str) -> str:
     """QEMU's own one-line reason (`qemu-system-x86_64: -cpu x: unable to find ...`)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -249,7 +259,7 @@ class Machine:
         self.evidence_dir.mkdir(parents=True, exist_ok=True)
         # A short private directory: AF_UNIX paths must stay under 108 bytes, and
         # avocado's work directories are longer than that. mkdtemp makes it 0700.
-        self.rundir = Path(tempfile.mkdtemp(prefix="cvmlab-"))
+        self.rundir = Path(tempfile.mkdtemp(prefix="cvmlab-", dir=_short_tempdir()))
         socket_path = self.rundir / "qmp.sock"
         trace = str(self.evidence_dir / "trace.log") if self.spec.trace_events else None
         argv = self._argv(Plumbing(qmp_socket=str(socket_path), serial="stdio", trace_file=trace))
