@@ -5,7 +5,7 @@
 #   ci/run-scenarios.sh smoke|all [PARALLEL]
 #
 # "smoke" runs only tests tagged smoke. Jobs that measure host-wide memory
-# counters run one test at a time; guest boots run PARALLEL at a time.
+# counters serialise themselves on a host lock (orchestrator.host.hostlock).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ avocado=.venv/bin/avocado
 # scenario file | variants file (- for none) | max parallel tasks ("P" = $parallel)
 JOBS=(
     "scenarios/boot.py       scenarios/variants/backends.yaml  P"
-    "scenarios/gmem_uapi.py  -                                 1"
+    "scenarios/gmem_uapi.py  -                                 P"
 )
 
 status=0

@@ -13,6 +13,7 @@ this module assumes a valid spec.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -231,11 +232,16 @@ def _device_args(spec: MachineSpec) -> list[str]:
 
 
 def build_argv(
-    spec: MachineSpec, plumbing: Plumbing, binary: str = "qemu-system-x86_64"
+    spec: MachineSpec, plumbing: Plumbing, binary: str | Sequence[str] = "qemu-system-x86_64"
 ) -> list[str]:
-    """The complete QEMU argv for `spec`, with run-time channels from `plumbing`."""
+    """The complete QEMU argv for `spec`, with run-time channels from `plumbing`.
+
+    `binary` is a path, or an argv prefix for a QEMU that must run through
+    its own dynamic loader (a private prefix: `ld.so --library-path ... qemu`).
+    """
+    prefix = [binary] if isinstance(binary, str) else list(binary)
     argv = [
-        binary,
+        *prefix,
         "-name", f"{spec.name},debug-threads=on",
         "-nodefaults", "-no-user-config", "-display", "none",
         # A guest reboot (and, with panic=-1, a guest panic) ends QEMU.
@@ -285,7 +291,9 @@ def _pairs(argv: list[str]) -> list[list[str]]:
     return groups
 
 
-def render_run_sh(spec: MachineSpec, binary: str = "qemu-system-x86_64", header: str = "") -> str:
+def render_run_sh(
+    spec: MachineSpec, binary: str | Sequence[str] = "qemu-system-x86_64", header: str = ""
+) -> str:
     """A shell script that runs `spec` by hand: console on the terminal, QMP in $RUNDIR.
 
     Attach with `qmp-shell "$RUNDIR/qmp.sock"` while it runs.

@@ -1,0 +1,209 @@
+"""The avocado base classes every scenario inherits (the only module importing avocado).
+
+`Scenario` probes the host once, writes `probe.json`, and CANCELs with the
+probe's reason when a tier the scenario needs is missing: a missing
+capability is never a FAIL and never a silent PASS. It also owns the test's
+timeline and verdicts.
+
+`MachineScenario` adds one guest for the test: it turns the variant's
+`machine` parameters into a `MachineSpec` (around the default image), checks
+the spec against QEMU's rules and this QEMU's introspection, boots the guest,
+waits for its readiness marker, connects SSH, and always tears everything
+down, keeping the evidence of DESIGN.md section 5 in the test's data dir.
+
+Parameters: machine keys (see `orchestrator.qemu.spec.spec_from_params`) are
+read from the variant's `machine` subtree (`/run/machine/...` in a YAML
+variants file) or given with `-p key=value`; `qemu` names the QEMU binary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from avocado import Test
+
+from orchestrator.errors import CvmlabError, GuestCrashed
+from orchestrator.guest.ssh import GuestShell
+from orchestrator.host.kernel_log import HostLogWatch
+from orchestrator.host.probe import HostProbe, probe_host
+from orchestrator.image import ImageManifest, default_image
+from orchestrator.invariants.guest_log import find_bad_lines
+from orchestrator.invariants.verdict import Verdict, VerdictLog, holds
+from orchestrator.qemu.launcher import Machine
+from orchestrator.qemu.rules import validate
+from orchestrator.qemu.spec import MACHINE_KEYS, KernelBoot, MachineSpec, spec_from_params
+from orchestrator.timeline import Timeline
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+
+
+class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
+    """Base of every cvmlab scenario: probe, tiers, timeline, verdicts.
+
+    :avocado: disable
+    """
+
+    #: Tiers (DESIGN.md section 1) this scenario needs; missing ones CANCEL.
+    tiers: tuple[str, ...] = ()
+
+    probe: HostProbe
+    timeline: Timeline
+    verdicts: VerdictLog
+    evidence_dir: Path
+    host_log: HostLogWatch
+
+    def setUp(self) -> None:
+        self.evidence_dir = Path(self.outputdir)
+        self.evidence_dir.mkdir(parents=True, exist_ok=True)
+        self.timeline = Timeline(self.evidence_dir / "timeline.jsonl")
+        self.verdicts = VerdictLog(self.evidence_dir / "verdicts.json")
+        # Baseline of the host kernel log: host-dmesg.txt is everything after it.
+        self.host_log = HostLogWatch()
+        self.probe = probe_host(self.qemu_binary())
+        (self.evidence_dir / "probe.json").write_text(
+            json.dumps(self.probe.to_json(), indent=2, default=str)
+        )
+        self.require_tiers(*self.tiers)
+
+    def tearDown(self) -> None:
+        try:
+            host_log = getattr(self, "host_log", None)
+            if host_log is not None:
+                delta = host_log.delta()
+                host_log.close()
+                (self.evidence_dir / "host-dmesg.txt").write_text(delta.text())
+                judged = any(v.invariant == "H8" for v in self.verdicts.verdicts)
+                ran = bool(self.verdicts.verdicts)  # a cancelled test judged nothing
+                if ran and not judged and not delta.clean:
+                    # The test did not judge H8 itself: judge it now, so no splat is missed.
+                    self.check(
+                        holds("H8", "host kernel log is clean", False, problems=delta.summary())
+                    )
+        finally:
+            timeline = getattr(self, "timeline", None)
+            if timeline is not None:
+                timeline.close()
+
+    # --- helpers for scenarios ----------------------------------------------------
+
+    def qemu_binary(self) -> str:
+        return str(self.params.get("qemu", default=os.environ.get("CVMLAB_QEMU", DEFAULT_QEMU)))
+
+    def require_tiers(self, *tiers: str) -> None:
+        """CANCEL with the probe's reason unless every tier is available."""
+        reason = self.probe.require(tiers)
+        if reason:
+            self.cancel(reason)
+
+    def check_host_log_clean(self) -> Verdict:
+        """H8: no WARN/BUG/Oops/RCU stall/SEAMCALL/RMP/MCE in the host kernel log since setUp."""
+        delta = self.host_log.delta()
+        return self.check(
+            holds(
+                "H8",
+                "host kernel log is clean",
+                delta.clean,
+                new_records=len(delta.records),
+                problems=delta.summary() if not delta.clean else "",
+            )
+        )
+
+    def check(self, verdict: Verdict) -> Verdict:
+        """Record a verdict (in verdicts.json and the log); a failed one fails the test."""
+        self.verdicts.add(verdict)
+        self.timeline.record("verdict", verdict.status, invariant=verdict.invariant)
+        self.log.info("%s", verdict.line())
+        if verdict.failed:
+            self.fail(verdict.line())
+        return verdict
+
+
+class MachineScenario(Scenario):
+    """A scenario with one guest booted from the default image for each test.
+
+    :avocado: disable
+    """
+
+    tiers = ("tcg",)
+    #: Seconds for the guest to print its readiness marker (TCG boots in ~4 s).
+    boot_timeout = 120.0
+
+    image: ImageManifest
+    spec: MachineSpec
+    machine: Machine
+    guest: GuestShell
+
+    def machine_params(self) -> dict[str, Any]:
+        """The variant's `machine` subtree, plus known machine keys given with -p."""
+        params: dict[str, Any] = {}
+        for path, key, value in self.params.iteritems():
+            if "/machine" in path or key in MACHINE_KEYS:
+                params[key] = value
+        return params
+
+    def build_spec(self) -> MachineSpec:
+        """The spec from parameters around the image; a bad spec is an ERROR naming the rule."""
+        params = self.machine_params()
+        params.setdefault("accel", self.probe.best_accel())
+        boot = KernelBoot(
+            kernel=str(self.image.kernel), initrd=str(self.image.initrd), cmdline=self.image.cmdline
+        )
+        try:
+            spec = spec_from_params(params, boot=boot)
+            validate(spec, self.probe.qemu)
+        except CvmlabError as error:
+            self.error(f"bad machine spec: {error}")
+        return spec
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.image = default_image(progress=self.log.info)
+        self.spec = self.build_spec()
+        needed: list[str] = [self.spec.accel]
+        if self.spec.confidential is not None:
+            needed.append(self.spec.confidential.kind)
+        self.require_tiers(*needed)
+        self.machine = Machine(
+            self.spec,
+            self.evidence_dir,
+            binary=self.qemu_binary(),
+            timeline=self.timeline,
+            ready_marker=self.image.ready_marker,
+        )
+        self.machine.start()
+        self.machine.wait_ready(timeout=self.boot_timeout)
+        self.guest = self.machine.ssh(self.image.ssh_user, self.image.ssh_key, self.image.host_key)
+
+    def tearDown(self) -> None:
+        try:
+            machine = getattr(self, "machine", None)
+            if machine is not None:
+                self._save_guest_dmesg()
+                rung = machine.shutdown()
+                self.log.info("guest stopped by %s", rung)
+        finally:
+            super().tearDown()
+
+    def _save_guest_dmesg(self) -> None:
+        guest = getattr(self, "guest", None)
+        if guest is None or self.machine.crashed is not None:
+            return
+        try:
+            result = self.guest.run("dmesg", timeout=20, check=False)
+        except CvmlabError as error:
+            self.log.warning("could not read the guest's dmesg: %s", error)
+            return
+        (self.evidence_dir / "guest-dmesg.txt").write_text(result.stdout)
+
+    # --- guest invariants every machine scenario can assert -----------------------
+
+    def check_guest_log_clean(self) -> Verdict:
+        """G3: no oops/WARN/BUG/panic in the guest's kernel log, and no pvpanic event."""
+        if self.machine.crashed is not None:
+            raise GuestCrashed("the guest crashed", detail=str(self.machine.crashed))
+        dmesg = self.guest.run("dmesg", timeout=20).stdout
+        bad = find_bad_lines(dmesg)
+        return self.check(holds("G3", "guest kernel log is clean", not bad, bad_lines=bad[:20]))
