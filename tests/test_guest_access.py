@@ -79,6 +79,19 @@ def test_console_ignores_crash_words_that_are_not_kernel_reports() -> None:
     assert reports == [] and console.crash is None
 
 
+def test_console_wait_for_raises_when_a_crash_is_noted_by_qmp() -> None:
+    console = SerialConsole()
+    event = CrashReport(source="qmp", t=now(), line='QMP GUEST_PANICKED {"action": "pause"}',
+                        console=console)
+    threading.Timer(0.05, console.note_crash, args=(event,)).start()
+    with pytest.raises(GuestCrashed, match="GUEST_PANICKED"):
+        console.wait_for("CVMLAB-READY", timeout=30)
+    # The kernel's own line, once printed, leads the report.
+    console.feed("[    3.5] Kernel panic - not syncing: Fatal exception")
+    assert event.headline().startswith("[    3.5] Kernel panic")
+    assert "Fatal exception" in event.evidence()
+
+
 def test_console_wait_for_fails_at_once_when_the_console_ends() -> None:
     console = SerialConsole()
     console.end("QEMU exited with status 1")
@@ -145,7 +158,9 @@ def test_ssh_failing_command_reports_status_and_stderr(booted: Booted) -> None:
     assert "No such file or directory" in result.stderr
     with pytest.raises(GuestError, match="status") as caught:
         booted.shell.run(["ls", "/no/such/path"])
-    assert "ls /no/such/path" in str(caught.value)
+    message = str(caught.value)
+    assert "ls /no/such/path" in message and "No such file or directory" in message
+    assert "\n" not in message
     assert "No such file or directory" in caught.value.detail
 
 
@@ -181,6 +196,24 @@ def test_ssh_command_timeout_names_the_command_and_kills_it(booted: Booted) -> N
     assert now() - started < 5
     # The overrunning command was killed, not left running in the guest.
     assert booted.shell.run("ps | grep -c 'sleep 3[7]'", check=False).stdout.strip() == "0"
+
+
+@pytest.mark.vm
+def test_ssh_refuses_a_host_key_other_than_the_pinned_one(booted: Booted) -> None:
+    # Any valid key that is not the guest's host key: the image's user key.
+    not_the_host_key = booted.image.ssh_key.with_suffix(".pub").read_text()
+    started = now()
+    with pytest.raises(GuestError, match="host key does not match"):
+        booted.machine.ssh(booted.image.ssh_user, booted.image.ssh_key, not_the_host_key)
+    assert now() - started < 10, "a wrong host key must not be retried"
+
+
+@pytest.mark.vm
+def test_ssh_login_refusal_is_reported_without_retrying(booted: Booted) -> None:
+    started = now()
+    with pytest.raises(GuestError, match="refused"):
+        booted.machine.ssh("no-such-user", booted.image.ssh_key, booted.image.host_key)
+    assert now() - started < 10, "an authentication failure must not be retried"
 
 
 @pytest.mark.vm

@@ -244,7 +244,7 @@ def test_bad_cpu_model_is_launch_error_with_qemu_stderr(
     assert "no-such-cpu" in message
     assert "unable to find CPU model" in caught.value.detail
     assert machine.returncode not in (None, 0)
-    assert not machine.running
+    assert not machine.running and not Path(f"/proc/{machine.pid}").exists()
     assert machine.rundir is not None and not machine.rundir.exists()
     assert _cvmlab_rundirs() <= before
     # The evidence explains it: the exact command and QEMU's words.

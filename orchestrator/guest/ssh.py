@@ -340,9 +340,11 @@ class GuestShell:
             stderr=result.stderr[:TIMELINE_OUTPUT_LIMIT],
         )
         if check and status != 0:
+            said = result.stderr.strip().splitlines()
             raise GuestError(
-                f"guest command failed with status {status}: {command}",
-                "see its stderr below and timeline.jsonl",
+                f"guest command failed with status {status}: {command}"
+                + (f" (stderr: {said[-1]})" if said else ""),
+                "see its whole stderr below and timeline.jsonl",
                 detail=result.stderr.strip(),
             )
         return result
