@@ -29,7 +29,12 @@ from orchestrator.image import (
     load_manifest,
     verify_image,
 )
-from orchestrator.image.builder import cache_root, run_command_step
+from orchestrator.image.builder import (
+    UNUSED_PRUNE_S,
+    cache_root,
+    prune_unused_images,
+    run_command_step,
+)
 from orchestrator.image.cpio import CpioArchive
 from orchestrator.image.debian import host_package_versions, sha256_file
 from orchestrator.image.kernel import bzimage_release, module_name, select_modules
@@ -331,6 +336,29 @@ def test_concurrent_builds_of_one_image_build_it_once(tmp_path: Path) -> None:
         for directory in directories:
             if directory:
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_build_prunes_images_of_its_recipe_unused_for_days(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    old, recent, other, new = (
+        images / name
+        for name in (
+            "minimal-aaaaaaaaaaaa",
+            "minimal-bbbbbbbbbbbb",
+            "kmod-cccccccccccc",
+            "minimal-d",
+        )
+    )
+    for directory in (old, recent, other, new):
+        directory.mkdir(parents=True)
+    long_ago = time.time() - UNUSED_PRUNE_S - 60
+    for directory in (old, other):
+        os.utime(directory, (long_ago, long_ago))
+    messages: list[str] = []
+    prune_unused_images(images, new, messages.append)
+    assert not old.exists()
+    assert recent.exists() and other.exists() and new.exists()
+    assert messages == ["pruned minimal-aaaaaaaaaaaa (unused for 3 days)"]
 
 
 def test_a_command_step_installs_what_it_produced(tmp_path: Path) -> None:

@@ -60,6 +60,9 @@ from orchestrator.image.step_static_c import build_static_c
 Progress = Callable[[str], None]
 
 HOST_KEY_PATH = "/etc/dropbear/dropbear_ed25519_host_key"
+# Images of the same recipe unused (no build, no cache hit) for this long are deleted
+# after a new build of that recipe.
+UNUSED_PRUNE_S = 3 * 86400
 CLIENT_KEY = "id_ed25519"
 # Modules of this package whose code shapes every image: their hash is part of the key
 # (with the modules of the step kinds a recipe uses, so editing one step's code does not
@@ -627,8 +630,37 @@ def _image_lock(images: Path, name: str, progress: Progress) -> Iterator[None]:
 def _cache_hit(final: Path, progress: Progress) -> ImageManifest:
     manifest = load_manifest(final)
     verify_image(manifest)
+    # The directory's mtime records the last use; pruning spares recently used images.
+    os.utime(final)
     progress(f"cache hit {final.name}")
     return manifest
+
+
+def prune_unused_images(images: Path, keep: Path, progress: Progress) -> None:
+    """Delete other images of the same recipe that nobody has used for UNUSED_PRUNE_S.
+
+    Every change of an input makes a new image (about 20 MB); this bounds the cache on a
+    developer's machine. An image in use, or being built (its lock is held), is spared.
+    """
+    recipe_name = keep.name.rsplit("-", 1)[0]
+    now = time.time()
+    for image in images.glob(f"{recipe_name}-*"):
+        if image == keep or image.name.rsplit("-", 1)[0] != recipe_name:
+            continue
+        try:
+            unused = now - image.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if unused < UNUSED_PRUNE_S:
+            continue
+        with (images / f".{image.name}.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            # The lock file stays: a process may be waiting on it.
+            shutil.rmtree(image, ignore_errors=True)
+        progress(f"pruned {image.name} (unused for {unused / 86400:.0f} days)")
 
 
 def build_image(
@@ -674,6 +706,7 @@ def build_image(
             raise
     built = load_manifest(final)
     progress(f"built {final.name} in {time.monotonic() - started:.0f} s")
+    prune_unused_images(images, final, progress)
     return built
 
 
