@@ -47,11 +47,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--refresh", action="store_true", help="re-read the archive's index now (else daily)"
     )
     build.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    build.set_defaults(func=run_build)
+    build.set_defaults(handler=run_build)
 
     show = commands.add_parser("show", help="print the manifest of the default image")
     show.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    show.set_defaults(func=run_show)
+    show.set_defaults(handler=run_show)
     return image
 
 
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["image", *(sys.argv[1:] if argv is None else argv)])
     try:
-        status: int = args.func(args)
+        status: int = args.handler(args)
     except CvmlabError as exc:
         print(f"cvmlab: {exc}", file=sys.stderr)
         return 1
