@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -371,3 +372,17 @@ def test_qmp_socket_directory_stays_short_under_a_long_tmpdir(
         machine.start()
         assert machine.rundir is not None and len(str(machine.rundir / "qmp.sock")) < 108
         assert machine.qmp.connected
+
+
+@pytest.mark.vm
+def test_qemu_can_run_through_an_argv_prefix(
+    guest_image: ImageManifest, evidence_dir: Path
+) -> None:
+    # A prefix is how a private QEMU build runs through its own loader.
+    prefix = ["env", "qemu-system-x86_64"]
+    with Machine(_spec(guest_image), evidence_dir, binary=prefix) as machine:
+        machine.start()
+        assert Path(f"/proc/{machine.pid}/exe").resolve().name == "qemu-system-x86_64"
+    assert json.loads((evidence_dir / "argv.json").read_text())[:2] == prefix
+    run_sh = (evidence_dir / "run.sh").read_text()
+    assert re.search(r"exec 'env'\s+\\?\s*'qemu-system-x86_64'", run_sh)

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -63,8 +62,6 @@ SIGKILL_TIMEOUT = 10.0
 # After a crash is seen, how long to wait for the rest of the kernel's report (call
 # trace; it trails the first line by milliseconds) before raising GuestCrashed.
 CRASH_SETTLE_TIMEOUT = 2.0
-
-_RUN_SH_BINARY = "@CVMLAB-QEMU@"
 
 _log = logging.getLogger(__name__)
 
@@ -214,28 +211,24 @@ class Machine:
         self._check_backend(self.spec.backend, "memory backend")
         if self.spec.virtio_mem is not None:
             self._check_backend(self.spec.virtio_mem.backend, "virtio-mem backend")
-        program = self.binary[0]
-        found = shutil.which(program)
-        if found is None:
-            raise QemuError(
-                f"QEMU binary {program} not found",
-                "run ci/setup-host.sh (installs QEMU from bookworm-backports) or pass --qemu",
-            )
+        # With a prefix (a private loader running a newer QEMU), the first and the
+        # last word are programs: the loader and QEMU itself.
+        for program in dict.fromkeys((self.binary[0], self.binary[-1])):
+            if shutil.which(program) is None and not os.path.isfile(program):
+                raise QemuError(
+                    f"QEMU binary {program} not found",
+                    "run ci/setup-host.sh (installs QEMU from bookworm-backports) or pass --qemu",
+                )
         setpriv_path()
 
     # --- start -------------------------------------------------------------------------
 
     def _argv(self, plumbing: Plumbing) -> list[str]:
-        argv = build_argv(self.spec, plumbing, self.binary[-1])
-        return [*self.binary[:-1], *argv]
+        return build_argv(self.spec, plumbing, self.binary)
 
     def _write_evidence(self, argv: list[str]) -> None:
         (self.evidence_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
-        if len(self.binary) == 1:
-            script = render_run_sh(self.spec, self.binary[0], header=self._run_sh_header())
-        else:
-            script = render_run_sh(self.spec, _RUN_SH_BINARY, header=self._run_sh_header())
-            script = script.replace(f"'{_RUN_SH_BINARY}'", shlex.join(self.binary))
+        script = render_run_sh(self.spec, self.binary, header=self._run_sh_header())
         run_sh = self.evidence_dir / "run.sh"
         run_sh.write_text(script)
         run_sh.chmod(0o755)
