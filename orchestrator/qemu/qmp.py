@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import stat
@@ -40,6 +41,8 @@ from orchestrator.errors import LaunchError, QmpError
 from orchestrator.timeline import JsonlWriter, Timeline, now
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -116,6 +119,7 @@ class QmpSession:
         self._client: _RecordingClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Held so the watcher task is not garbage-collected while it runs.
         self._watch_task: asyncio.Task[None] | None = None
         self.greeting: dict[str, Any] | None = None
 
@@ -160,7 +164,11 @@ class QmpSession:
         if event is not None:
             for name, callback in list(self._subscribers):
                 if name is None or name == event.name:
-                    callback(event)
+                    try:
+                        callback(event)
+                    except Exception:
+                        # A failing subscriber must not take the QMP reader down.
+                        _log.exception("QMP event subscriber failed on %s", event.name)
 
     def record_note(self, kind: str, **data: Any) -> None:
         """Add a line of our own to qmp.jsonl (e.g. which shutdown rung was used)."""
