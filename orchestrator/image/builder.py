@@ -599,7 +599,7 @@ def _build(plan: Plan, image_dir: Path, progress: Progress) -> ImageManifest:
         inputs=plan.inputs,
         outputs=outputs,
     )
-    manifest.write()
+    manifest.write(ctx.notes)
     return manifest
 
 

@@ -69,10 +69,17 @@ class ImageManifest:
             "outputs": dict(sorted(self.outputs.items())),
         }
 
-    def write(self) -> Path:
-        """Write `manifest.json` into the image directory; return its path."""
+    def write(self, build_notes: dict[str, Any] | None = None) -> Path:
+        """Write `manifest.json` into the image directory; return its path.
+
+        `build_notes` (what the build found: modules loaded, built in or absent, step
+        results) is kept under "build" for people reading the file; loading ignores it.
+        """
         path = self.directory / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        data = self.to_json()
+        if build_notes:
+            data["build"] = build_notes
+        path.write_text(json.dumps(data, indent=2) + "\n")
         path.chmod(0o644)
         return path
 
