@@ -208,6 +208,22 @@ def allocated_bytes(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
+def range_is_hole(fd: int, offset: int, length: int) -> bool:
+    """True when no byte of [offset, offset + length) of `fd` is backed (lseek SEEK_DATA).
+
+    Exact per range, unlike st_blocks, which other writers to the same file move too.
+    tmpfs/shmem (memfd) and most disk file systems answer; one without SEEK_HOLE
+    support reports the whole file as data, so the answer is then False.
+    """
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as error:
+        if error.errno == errno.ENXIO:  # no data at or after offset
+            return True
+        raise
+    return data >= offset + length
+
+
 @dataclass(frozen=True)
 class PunchRecord:
     """One fallocate(PUNCH_HOLE) on one backend, with the allocation around it."""
@@ -223,6 +239,7 @@ class PunchRecord:
     t_end: float  # now() right after it returned
     allocated_before: int  # bytes (st_blocks * 512) of the whole backing
     allocated_after: int
+    hole_after: bool  # the range read as a hole (SEEK_DATA) right after the punch
 
     @property
     def freed(self) -> int:
@@ -308,6 +325,7 @@ class HostPuncher:
                 fallocate(fd, PUNCH_MODE, offset, piece_length)
                 t_end = now()
                 after = allocated_bytes(fd)
+                hole = range_is_hole(fd, offset, piece_length)
             record = PunchRecord(
                 gpa=piece_gpa,
                 length=piece_length,
@@ -320,6 +338,7 @@ class HostPuncher:
                 t_end=t_end,
                 allocated_before=before,
                 allocated_after=after,
+                hole_after=hole,
             )
             records.append(record)
             if self._timeline is not None:
