@@ -23,11 +23,14 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import MemoryOpError
+from orchestrator.kvm.libc import fallocate
 from orchestrator.memory.host_punch import (
+    PUNCH_MODE,
     HostPuncher,
     PunchRecord,
     anon_discard_refused,
     borrowed_fd,
+    range_is_hole,
 )
 from orchestrator.memory.layout import (
     flatview_problems,
@@ -176,7 +179,7 @@ def test_a_memfd_punch_zeroes_exactly_the_range_and_frees_it(machine: Qemu, gpa:
     puncher = HostPuncher(machine.qmp, machine.pid)
     (record,), data = fill_and_punch(machine, puncher, gpa, pages=8, hole=(3, 2))
     assert_hole_exactly(data, 3, 2)
-    assert record.freed == 2 * PAGE
+    assert record.freed == 2 * PAGE and record.hole_after
     assert record.target.startswith("/memfd:")
     assert record.offset == puncher.memory_map.locate(gpa + 3 * PAGE, PAGE)[0].offset
 
@@ -197,7 +200,7 @@ def test_a_file_backend_punch_zeroes_exactly_the_range(shm_dir: Path) -> None:
         puncher = HostPuncher(qemu.qmp, qemu.pid)
         (record,), data = fill_and_punch(qemu, puncher, 0x4000000, pages=4, hole=(1, 1))
         assert_hole_exactly(data, 1, 1)
-        assert record.freed == PAGE
+        assert record.freed == PAGE and record.hole_after
         assert record.target.startswith(str(shm_dir))
     finally:
         stop_qemu(qemu)
@@ -319,3 +322,15 @@ def test_a_private_punch_frees_page_cache_but_not_what_the_guest_wrote(
     (record,) = puncher.punch(0x1000000, 2 * PAGE, allow_private=True)
     assert record.freed == 2 * PAGE
     assert private_machine.read_gpa(0x1000000, 4 * PAGE) == b"\x5a" * 4 * PAGE
+
+
+def test_seek_data_tells_a_punched_range_from_data() -> None:
+    fd = os.memfd_create("cvmlab-hole-test")
+    try:
+        os.write(fd, b"\xa5" * 4 * PAGE)
+        fallocate(fd, PUNCH_MODE, PAGE, 2 * PAGE)
+        assert range_is_hole(fd, PAGE, 2 * PAGE)
+        assert not range_is_hole(fd, 0, PAGE)
+        assert not range_is_hole(fd, PAGE, 3 * PAGE)  # runs into data
+    finally:
+        os.close(fd)
