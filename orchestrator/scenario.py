@@ -18,6 +18,7 @@ variants file) or given with `-p key=value`; `qemu` names the QEMU binary.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -29,15 +30,23 @@ from orchestrator.errors import CvmlabError, GuestCrashed
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.kernel_log import HostLogWatch
 from orchestrator.host.probe import HostProbe, probe_host
-from orchestrator.image import ImageManifest, default_image
+from orchestrator.image import ImageManifest, default_image, verify_image
 from orchestrator.invariants.guest_log import find_bad_lines
 from orchestrator.invariants.verdict import Verdict, VerdictLog, holds
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.rules import validate
-from orchestrator.qemu.spec import MACHINE_KEYS, KernelBoot, MachineSpec, spec_from_params
+from orchestrator.qemu.spec import (
+    MACHINE_KEYS,
+    SCENARIO_KEYS,
+    KernelBoot,
+    MachineSpec,
+    spec_from_params,
+)
 from orchestrator.timeline import Timeline
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+# Parameters avocado itself reads from every test.
+AVOCADO_KEYS = frozenset({"timeout", "timeout_factor"})
 
 
 class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
@@ -48,6 +57,8 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
 
     #: Tiers (DESIGN.md section 1) this scenario needs; missing ones CANCEL.
     tiers: tuple[str, ...] = ()
+    #: Parameters the scenario itself reads (beyond machine keys), so `-p` typos are caught.
+    scenario_keys: frozenset[str] = frozenset()
 
     probe: HostProbe
     timeline: Timeline
@@ -62,6 +73,7 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
         self.verdicts = VerdictLog(self.evidence_dir / "verdicts.json")
         # Baseline of the host kernel log: host-dmesg.txt is everything after it.
         self.host_log = HostLogWatch()
+        self.refuse_unknown_cli_params()
         self.probe = probe_host(self.qemu_binary())
         (self.evidence_dir / "probe.json").write_text(
             json.dumps(self.probe.to_json(), indent=2, default=str)
@@ -91,6 +103,19 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
 
     def qemu_binary(self) -> str:
         return str(self.params.get("qemu", default=os.environ.get("CVMLAB_QEMU", DEFAULT_QEMU)))
+
+    def refuse_unknown_cli_params(self) -> None:
+        """ERROR on a `-p key=value` nobody reads: a typo must not pass silently."""
+        known = MACHINE_KEYS | SCENARIO_KEYS | self.scenario_keys | AVOCADO_KEYS
+        for path, key, _ in self.params.iteritems():
+            if path == "/" and key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.error(
+                    f"unknown parameter {key}{hint}: machine keys are listed in "
+                    "orchestrator.qemu.spec.MACHINE_KEYS; this scenario also reads: "
+                    f"{', '.join(sorted(self.scenario_keys)) or 'nothing else'}"
+                )
 
     def require_tiers(self, *tiers: str) -> None:
         """CANCEL with the probe's reason unless every tier is available."""
@@ -161,6 +186,11 @@ class MachineScenario(Scenario):
     def setUp(self) -> None:
         super().setUp()
         self.image = default_image(progress=self.log.info)
+        try:
+            # Hashes and key permissions: a changed image or an open key is refused here.
+            verify_image(self.image)
+        except CvmlabError as error:
+            self.error(str(error))
         self.spec = self.build_spec()
         needed: list[str] = [self.spec.accel]
         if self.spec.confidential is not None:
