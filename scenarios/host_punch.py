@@ -62,6 +62,8 @@ class HostPunch(MachineScenario):
     def hold_buffer(self, helper: MemHelper) -> HoldReport:
         """Hold the buffer and check it reads back clean before the host does anything."""
         seed = int(self.params.get("seed", default=DEFAULT_SEED))
+        # The host punches the GPAs hold reports: they must not change under it.
+        helper.keep_locked_pages_in_place()
         hold = helper.hold(mib=BUFFER_MIB, seed=seed, lock=True)
         self.timeline.record("guest", "hold", pages=hold.pages, pid=hold.pid, fill_ms=hold.fill_ms)
         before = helper.verify()

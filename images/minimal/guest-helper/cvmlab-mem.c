@@ -26,6 +26,12 @@
  * (DIR/sock), one request line in, one JSON reply out, so no command ever
  * sleeps: each waits on a file descriptor with a deadline.
  *
+ * GPAs are not fixed by mlock: it keeps pages resident, but compaction may still
+ * migrate them while vm.compact_unevictable_allowed is 1 (the default; a forced
+ * compaction moved 8 of 16384 locked pages in a 6.12 guest). `gpas` reports what moved
+ * since `hold`; `verify` judges against the hold-time GPAs, which are what the host
+ * was told. Set the sysctl to 0 when the host acts on those GPAs.
+ *
  * The pattern: the 64-bit word at index w of page p is splitmix64 of
  * (seed ^ (p << 20) ^ w). The map is injective, so every word of a buffer is
  * different: a page moved, swapped or zeroed never matches by accident.
