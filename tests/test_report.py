@@ -291,6 +291,30 @@ def test_timeline_reader_tolerates_unknown_records_and_cut_lines(tmp_path: Path)
     assert data.bad_lines == 2
 
 
+def test_markers_name_qmp_events_as_the_qmp_layer_records_them(tmp_path: Path) -> None:
+    # orchestrator.qemu.qmp records the whole message: the name is in msg.event.
+    path = tmp_path / "timeline.jsonl"
+    records = [
+        {"t": 1.0, "source": "machine", "kind": "launch", "argv": ["qemu-system-x86_64"]},
+        {
+            "t": 2.0,
+            "source": "qmp",
+            "kind": "event",
+            "dir": "recv",
+            "msg": {"event": "BALLOON_CHANGE", "data": {"actual": 1 << 28}},
+        },
+        {"t": 3.0, "source": "qmp", "kind": "command", "msg": {"execute": "balloon"}},
+        {"t": 4.0, "source": "verdict", "kind": "fail", "invariant": "G4"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    markers = read_timeline(path).markers
+    assert [(m.label, m.category) for m in markers] == [
+        ("launch", "event"),
+        ("BALLOON_CHANGE", "balloon"),
+        ("G4 fail", "verdict-fail"),
+    ]
+
+
 def test_plot_keeps_spikes_when_thinning_long_series(tmp_path: Path) -> None:
     path = tmp_path / "timeline.jsonl"
     lines = []

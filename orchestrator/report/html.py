@@ -56,8 +56,14 @@ td.ev{max-width:420px;word-break:break-all}
 
 def page_name(job: Job, result: TestResult) -> str:
     """A file name unique across jobs: job, index, and a readable slug."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{result.row}-{result.variant}").strip("_")
-    return f"{job.short_id}-{result.index:04d}-{slug[:80]}.html"
+
+    def slug(text: str, limit: int) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:limit]
+
+    # Class.method (without the file) and the variant: job and index make it unique.
+    test = slug(result.row.rsplit(":", 1)[-1], 70)
+    variant = f"-{slug(result.variant, 40)}" if result.variant else ""
+    return f"{job.short_id}-{result.index:04d}-{test}{variant}.html"
 
 
 def _href(from_dir: Path, target: Path) -> str:

@@ -6,7 +6,8 @@
 counter, drawn as the change since the counter's first sample: what a punch,
 a balloon or a conversion should move is a difference, and a 2 MiB drop is
 invisible on a 4 GiB absolute scale. Operations (`source "op"`: punch,
-convert, balloon, ...), QMP events and verdicts become vertical markers.
+convert, balloon, ...), QMP events, verdicts and the machine's life (launch,
+ready, shutdown) become vertical markers.
 Records of sources or kinds this module does not know are counted, never an
 error; so are lines that are not JSON (a file cut short by a killed runner).
 """
@@ -67,10 +68,19 @@ class TimelineData:
         return not self.series and not self.markers
 
 
-def _category(source: str, kind: str, record: dict[str, Any]) -> str:
-    words = f"{kind} {record.get('event', '')} {record.get('op', '')}".lower()
+def _event_name(record: dict[str, Any]) -> str:
+    """A QMP event's name: at the top (`event`) or in the message as recorded (`msg.event`)."""
+    msg = record.get("msg")
+    for value in (record.get("event"), msg.get("event") if isinstance(msg, dict) else None):
+        if isinstance(value, str) and value:
+            return value
+    return "event"
+
+
+def _category(source: str, label: str) -> str:
     if source == "verdict":
-        return "verdict-fail" if kind == "fail" else "verdict-pass"
+        return "verdict-fail" if label.endswith(" fail") else "verdict-pass"
+    words = label.lower()
     for key in ("punch", "convert", "balloon"):
         if key in words:
             return key
@@ -86,15 +96,17 @@ def _marker(record: dict[str, Any], t: float) -> Marker | None:
     if source == "op":
         label = kind
     elif source == "qmp" and kind == "event":
-        label = str(record.get("event", "event"))
+        label = _event_name(record)
     elif source == "verdict":
         label = f"{record.get('invariant', '?')} {kind}"
+    elif source == "machine":  # the guest's life: launch, ready, shutdown, exited
+        label = kind
     else:
         return None
     detail = json.dumps(record, default=str)
     if len(detail) > 400:
         detail = detail[:400] + "..."
-    return Marker(t, label, _category(source, kind, record), detail)
+    return Marker(t, label, _category(source, label), detail)
 
 
 def _parse_lines(text: str) -> tuple[list[Any], int]:
@@ -240,11 +252,16 @@ def _pick_series(series: dict[str, list[tuple[float, float]]]) -> list[str]:
 
 
 def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
-    """The timeline as one inline `<svg>` (no script, no external reference)."""
+    """The timeline as one inline `<svg>` (no script, no external reference).
+
+    Without host samples it is a shorter strip of event markers, with no value axis.
+    """
+    names = _pick_series(data.series)
+    if not names:
+        height = min(height, 190)
     left, right, top, bottom = 70, 190, 20, 42
     plot_w, plot_h = width - left - right, height - top - bottom
     t0 = data.t0 or 0.0
-    names = _pick_series(data.series)
     times = [t for n in names for t, _ in data.series[n]] + [m.t for m in data.markers]
     t_high = max(times, default=t0) - t0
     t_span = t_high if t_high > 0 else 1.0
@@ -272,7 +289,7 @@ def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
         f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
         f'stroke="#999"/>',
     ]
-    for tick in _ticks(v_low, v_high):
+    for tick in _ticks(v_low, v_high) if names else []:
         ty = y(tick)
         out.append(
             f'<line x1="{left}" y1="{ty:.1f}" x2="{left + plot_w}" y2="{ty:.1f}" '
@@ -290,9 +307,12 @@ def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
     out.append(
         f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle" class="axis">'
         f"seconds since the first record</text>"
-        f'<text transform="translate(14 {top + plot_h / 2:.0f}) rotate(-90)" '
-        f'text-anchor="middle" class="axis">MiB changed since first sample</text>'
     )
+    if names:
+        out.append(
+            f'<text transform="translate(14 {top + plot_h / 2:.0f}) rotate(-90)" '
+            f'text-anchor="middle" class="axis">MiB changed since first sample</text>'
+        )
     last_label_x = -1e9
     for marker in data.markers[:MAX_MARKERS]:
         mx = x(marker.t - t0)
