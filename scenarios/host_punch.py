@@ -46,6 +46,8 @@ FOUR_GIB = 4 * GiB
 TARGETS = ((1, 3, 1), (2, 3, 3))
 # Seconds for QEMU to end after the guest's kernel data is punched (measured: < 1 s).
 EXIT_DEADLINE = 60.0
+# This file's own parameters (both classes run in one job, so both accept both).
+PUNCH_PARAMS = frozenset({"punch_above_4g", "punch_kernel"})
 
 
 class HostPunch(MachineScenario):
@@ -55,6 +57,7 @@ class HostPunch(MachineScenario):
     """
 
     timeout = 300
+    scenario_keys = PUNCH_PARAMS
 
     def helper(self) -> MemHelper:
         return MemHelper(ssh_runner(self.guest))
@@ -274,6 +277,7 @@ class HostPunchKernelMemory(MachineScenario):
     """
 
     timeout = 300
+    scenario_keys = PUNCH_PARAMS
 
     def setUp(self) -> None:
         # Decide before booting: a CANCEL here costs no guest.
