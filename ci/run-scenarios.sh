@@ -17,6 +17,7 @@ avocado=.venv/bin/avocado
 JOBS=(
     "scenarios/boot.py       scenarios/variants/backends.yaml  P"
     "scenarios/gmem_uapi.py  -                                 P"
+    "scenarios/host_punch.py scenarios/variants/host_punch.yaml P"
 )
 
 status=0
