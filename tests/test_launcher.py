@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +67,7 @@ def bare_qemu(qemu_binary: str) -> Iterator[BareQemu]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-        for leftover in rundir.iterdir():
-            leftover.unlink()
-        rundir.rmdir()
+        shutil.rmtree(rundir, ignore_errors=True)
 
 
 @pytest.fixture

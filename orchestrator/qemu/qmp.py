@@ -444,10 +444,15 @@ class QmpSession:
         """Disconnect (tolerating QEMU having quit or died) and stop the loop thread."""
         client = self._client
         if client is not None and self._loop is not None:
-            # EOFError: QEMU closed the socket (quit, or it exited). The session is
-            # over either way; the reason is in qmp.jsonl and qemu.stderr.
-            with contextlib.suppress(EOFError, OSError, QMPError, FutureTimeout):
+            # disconnect() re-raises whatever ended the reader: EOFError when QEMU
+            # closed the socket (quit, or it exited), OSError on a reset. The
+            # session is over either way; the reason is in qmp.jsonl/qemu.stderr.
+            try:
                 self._call(client.disconnect(), 10)
+            except (EOFError, OSError, QMPError, FutureTimeout):
+                pass
+            except Exception:
+                _log.debug("QMP disconnect ended with an unexpected error", exc_info=True)
         self._client = None
         self._stop_loop()
         self._mark_disconnected("closed")
