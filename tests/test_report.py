@@ -148,6 +148,27 @@ def test_a_killed_runner_leaves_an_incomplete_job_read_from_its_test_dirs(
     assert statuses == {"slow:Slow.test_a_quick": "PASS", "slow:Slow.test_b_hangs": "INCOMPLETE"}
 
 
+@pytest.mark.parametrize("surviving_log", ["full.log", "job.log"])
+def test_a_killed_test_with_an_empty_debug_log_is_named_from_the_job_logs(
+    killed_job: Path, tmp_path: Path, surviving_log: str
+) -> None:
+    job_dir = copy_job(killed_job, tmp_path)
+    (debug,) = job_dir.glob("test-results/*test_b_hangs*/debug.log")
+    debug.write_text("")  # killed before its log reached the disk
+    if surviving_log == "job.log":
+        (job_dir / "full.log").unlink()
+        # The runner may be killed before it logs STARTED: write the line as avocado does.
+        with (job_dir / "job.log").open("a") as log:
+            log.write(
+                "2026-11-21 06:27:02,394 avocado.job testlogs         L0132 INFO | "
+                "slow.py:Slow.test_b_hangs: STARTED\n"
+            )
+    else:
+        (job_dir / "job.log").write_text("")
+    (result,) = [r for r in load_job(job_dir).results if r.status == "INCOMPLETE"]
+    assert result.row == "slow:Slow.test_b_hangs"
+
+
 def test_a_truncated_results_json_is_read_from_the_test_dirs(
     tiny_job: Path, tmp_path: Path
 ) -> None:
@@ -206,7 +227,13 @@ def test_test_page_plots_counters_and_marks_events(tiny_job: Path, tmp_path: Pat
     polylines = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
     assert len(polylines) == 2 and all(len(p.split()) == 20 for p in polylines)
     labels = re.findall(r'class="mlabel"[^>]*>([^<]+)<', svg)
-    assert labels == ["punch", "convert", "BALLOON_CHANGE", "H2 pass"]
+    assert labels == [
+        "mystery-source unheard-of-ki",  # labels are cut at 28 characters
+        "punch",
+        "convert",
+        "BALLOON_CHANGE",
+        "H2 pass",
+    ]
     assert "mystery-source/unheard-of-kind: 1" in page
 
 
@@ -286,7 +313,8 @@ def test_timeline_reader_tolerates_unknown_records_and_cut_lines(tmp_path: Path)
     )
     data = read_timeline(path)
     assert data.series == {"Shmem": [(1.0, 100), (4.0, 90)]}
-    assert [m.label for m in data.markers] == ["punch"]
+    # An unknown record is counted and marked: a new recorder shows up unasked.
+    assert [m.label for m in data.markers] == ["gpu quantum", "punch"]
     assert data.counts[("gpu", "quantum")] == 1
     assert data.bad_lines == 2
 
@@ -305,6 +333,9 @@ def test_markers_name_qmp_events_as_the_qmp_layer_records_them(tmp_path: Path) -
         },
         {"t": 3.0, "source": "qmp", "kind": "command", "msg": {"execute": "balloon"}},
         {"t": 4.0, "source": "verdict", "kind": "fail", "invariant": "G4"},
+        {"t": 5.0, "source": "serial", "kind": "line", "text": "login:"},
+        {"t": 6.0, "source": "serial", "kind": "crash", "text": "Kernel panic"},
+        {"t": 7.0, "source": "conversion", "kind": "run", "pages": 64},
     ]
     path.write_text("\n".join(json.dumps(r) for r in records))
     markers = read_timeline(path).markers
@@ -312,6 +343,8 @@ def test_markers_name_qmp_events_as_the_qmp_layer_records_them(tmp_path: Path) -
         ("launch", "event"),
         ("BALLOON_CHANGE", "balloon"),
         ("G4 fail", "verdict-fail"),
+        ("serial crash", "crash"),
+        ("conversion run", "convert"),
     ]
 
 

@@ -135,7 +135,8 @@ def test_test_page_plot_is_in_the_rendered_dom(report: Path, tmp_path: Path) -> 
     census.feed(chromium(tmp_path / "profile", "--dump-dom", page.as_uri()))
     assert census.svgs == 1
     assert census.polyline_points == [20, 20]
-    assert census.marker_lines == 4  # punch, convert, BALLOON_CHANGE, the H2 verdict
+    # punch, convert, BALLOON_CHANGE, the H2 verdict, and the record of an unknown source
+    assert census.marker_lines == 5
 
 
 def test_screenshots_are_full_size_and_not_blank(report: Path, tmp_path: Path) -> None:

@@ -65,6 +65,12 @@ _STATUS_RE = re.compile(
     r"\| (PASS|FAIL|ERROR|CANCEL|SKIP|WARN|INTERRUPTED) (\S+)(?: -> (\w+): (.*))?\s*$", re.M
 )
 _DIR_DATE_RE = re.compile(r"job-(\d{4}-\d\d-\d\d)T(\d\d)\.(\d\d)")
+# job.log's line for each test the runner started (avocado's testlogs plugin).
+_STARTED_RE = re.compile(r"\| (\S.*): STARTED\s*$", re.M)
+# full.log's state-machine lines name each task by its id from the moment it is queued.
+_TASK_RE = re.compile(r'Task "(\d+-[^"]+)"')
+# What avocado's string_to_safe_path turns into '_' when naming a test's dir.
+_UNSAFE_RE = re.compile(r'[<>:"/\\|?*;]')
 # debug.log can be megabytes (a guest console): its INIT line is near the top
 # and its status line near the end.
 _LOG_HEAD = 32 * 1024
@@ -373,8 +379,8 @@ def _test_dir(job: Path, logdir: Any, index: int, name: str) -> Path | None:
         candidate = job / "test-results" / Path(logdir).name
         if candidate.is_dir():
             return candidate
-    # avocado names the dir after the id with ':' and ';' (and '/') turned into '_'.
-    guess = job / "test-results" / re.sub(r"[:;/]", "_", f"{index}-{name}")
+    # avocado names the dir after the id, made safe for file systems.
+    guess = job / "test-results" / _UNSAFE_RE.sub("_", f"{index}-{name}")
     return guess if guess.is_dir() else None
 
 
@@ -427,6 +433,7 @@ def _from_test_dirs(job: Path, job_host: HostInfo, job_id: str) -> list[TestResu
     results = []
     base = job / "test-results"
     entries = sorted(base.iterdir()) if base.is_dir() else []
+    names: dict[str, str] | None = None
     for entry in entries:
         match = _INDEX_RE.match(entry.name)
         if not match or not entry.is_dir() or entry.is_symlink():
@@ -434,7 +441,12 @@ def _from_test_dirs(job: Path, job_host: HostInfo, job_id: str) -> list[TestResu
         index = int(match.group(1))
         head, tail = _head_and_tail(entry / "debug.log")
         init = _INIT_RE.search(head)
-        name = _INDEX_RE.sub("", init.group(1)) if init else entry.name[match.end() :]
+        if init:
+            name = _INDEX_RE.sub("", init.group(1))
+        else:
+            names = _names_from_logs(job) if names is None else names
+            rest = entry.name[match.end() :]
+            name = names.get(entry.name) or names.get(rest) or rest
         status, reason = "INCOMPLETE", "no result: the runner stopped before this test ended"
         finals = list(_STATUS_RE.finditer(tail))
         if finals:
@@ -461,6 +473,27 @@ def _from_test_dirs(job: Path, job_host: HostInfo, job_id: str) -> list[TestResu
             )
         )
     return results
+
+
+def _names_from_logs(job: Path) -> dict[str, str]:
+    """Test names keyed by their dir name (with the index) or by its rest (without it).
+
+    A test killed early may not have flushed its debug.log. full.log names
+    every task by its id from the moment it is queued; job.log names a test
+    (without its index) once it started.
+    """
+    names: dict[str, str] = {}
+    for path, pattern in ((job / "full.log", _TASK_RE), (job / "job.log", _STARTED_RE)):
+        try:
+            with path.open(encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    found = pattern.search(line)
+                    if found is not None:
+                        test_id = found.group(1)
+                        names.setdefault(_UNSAFE_RE.sub("_", test_id), _INDEX_RE.sub("", test_id))
+        except OSError:
+            continue
+    return names
 
 
 def _exit_code(path: Path, results: list[TestResult], complete: bool) -> tuple[int | None, bool]:

@@ -5,9 +5,10 @@
 (`source "host", kind "sample", counters {name: KiB}`) become lines, one per
 counter, drawn as the change since the counter's first sample: what a punch,
 a balloon or a conversion should move is a difference, and a 2 MiB drop is
-invisible on a 4 GiB absolute scale. Operations (`source "op"`: punch,
-convert, balloon, ...), QMP events, verdicts and the machine's life (launch,
-ready, shutdown) become vertical markers.
+invisible on a 4 GiB absolute scale. Every other record becomes a vertical
+marker (operations such as punch, convert, balloon; QMP events; verdicts; the
+machine's life; guest steps; crashes), except the chatty ones (serial lines,
+SSH, QMP commands and replies), which are only counted.
 Records of sources or kinds this module does not know are counted, never an
 error; so are lines that are not JSON (a file cut short by a killed runner).
 """
@@ -43,6 +44,7 @@ MARKER_COLOURS = {
     "virtio-mem": "#33a02c",
     "verdict-pass": "#2ca02c",
     "verdict-fail": "#d62728",
+    "crash": "#b00020",
     "event": "#555555",
 }
 
@@ -80,29 +82,44 @@ def _event_name(record: dict[str, Any]) -> str:
 def _category(source: str, label: str) -> str:
     if source == "verdict":
         return "verdict-fail" if label.endswith(" fail") else "verdict-pass"
-    words = label.lower()
-    for key in ("punch", "convert", "balloon"):
-        if key in words:
-            return key
+    words = f"{source} {label}".lower()
+    if "crash" in words or "panic" in words:
+        return "crash"
+    for word, category in (
+        ("punch", "punch"),
+        ("convert", "convert"),
+        ("conversion", "convert"),
+        ("balloon", "balloon"),
+    ):
+        if word in words:
+            return category
     if "virtio-mem" in words or "memory_device" in words or "virtio_mem" in words:
         return "virtio-mem"
     return "event"
 
 
+# Records too frequent or too plain to mark: the plot draws every other record as a
+# marker, so a recorder added later (a new source or kind) shows up unasked.
+QUIET_SOURCES = frozenset({"ssh"})
+QUIET_RECORDS = frozenset(
+    {("serial", "line"), ("qmp", "command"), ("qmp", "reply"), ("qmp", "greeting")}
+)
+
+
 def _marker(record: dict[str, Any], t: float) -> Marker | None:
-    """A marker for the records worth a vertical line; None for the rest."""
+    """A marker for the records worth a vertical line; None for the quiet ones."""
     source = str(record.get("source", ""))
     kind = str(record.get("kind", ""))
-    if source == "op":
-        label = kind
-    elif source == "qmp" and kind == "event":
+    if source in QUIET_SOURCES or (source, kind) in QUIET_RECORDS:
+        return None
+    if source == "qmp" and kind == "event":
         label = _event_name(record)
     elif source == "verdict":
         label = f"{record.get('invariant', '?')} {kind}"
-    elif source == "machine":  # the guest's life: launch, ready, shutdown, exited
+    elif source in ("op", "machine"):  # operations; the guest's life (launch, ready, exited)
         label = kind
     else:
-        return None
+        label = f"{source} {kind}"
     detail = json.dumps(record, default=str)
     if len(detail) > 400:
         detail = detail[:400] + "..."
