@@ -1,0 +1,219 @@
+"""The guest conversion driver: private<->shared conversions from inside the guest.
+
+`cvmlab_convert.ko` (images/minimal/cvmlab-convert) calls set_memory_decrypted() and
+set_memory_encrypted() on pages it fills from a seed, and checks their contents as the
+kernel documents them (see the module's header comment):
+
+- plain guest (tier tcg, runs everywhere): both calls are no-ops that return 0, so every
+  call succeeds and every page keeps its contents;
+- TDX / SEV-SNP guest (lab tiers tdx, snp): calls convert for real, contents after a
+  conversion are undefined, so only a fresh fill's round trip is checked; here they
+  CANCEL with the probe's reason.
+
+    avocado run scenarios/conversion_driver.py
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator.errors import GuestError
+from orchestrator.guest.convert import ConversionResult, run_conversions, run_request
+from orchestrator.invariants.verdict import holds
+from orchestrator.scenario import MachineScenario
+
+# (pages, chunk, loops): one page; chunks that divide the pages; one 2 MiB chunk (a
+# split huge mapping of the direct map); a chunk that leaves a smaller last chunk.
+RUNS: tuple[tuple[int, int, int], ...] = ((1, 1, 4), (64, 8, 3), (512, 512, 2), (1000, 7, 1))
+DEFAULT_SEED = 0x5EED
+
+
+class _ConversionScenario(MachineScenario):
+    """Runs the RUNS through the module and judges each result.
+
+    :avocado: disable
+    """
+
+    timeout = 300
+    #: The platform the module must report, and the content semantics that go with it.
+    platform = "none"
+
+    def seed(self, index: int) -> int:
+        return int(self.params.get("seed", default=DEFAULT_SEED)) + index
+
+    def record(self, result: ConversionResult) -> None:
+        """Keep every run's JSON as evidence (conversions.jsonl in the test's data dir)."""
+        with (self.evidence_dir / "conversions.jsonl").open("a") as stream:
+            stream.write(json.dumps(result.to_json(), sort_keys=True) + "\n")
+        self.timeline.record("conversion", "run", **result.to_json())
+
+    def check_counts(self, result: ConversionResult, pages: int, chunk: int, loops: int) -> None:
+        """G2: the module did what was asked, and every call succeeded."""
+        chunks = -(-pages // chunk)
+        asked = {"pages": pages, "chunk": chunk, "loops": loops, "chunks": chunks}
+        seen = {"pages": result.pages, "chunk": result.chunk, "loops": result.loops,
+                "chunks": result.chunks}  # fmt: skip
+        self.check(holds("G2", f"the module ran the request {asked}", seen == asked, seen=seen))
+        calls = loops * chunks
+        self.check(
+            holds(
+                "G2",
+                f"{calls} set_memory_decrypted() and {calls} set_memory_encrypted() calls, "
+                "all returned 0, nothing leaked",
+                result.all_calls_succeeded
+                and result.decrypt.calls == calls
+                and result.encrypt.calls == calls
+                and result.first_call_error == 0
+                and result.leaked_pages == 0,
+                decrypt=result.decrypt,
+                encrypt=result.encrypt,
+                first_call_error=result.first_call_error,
+                leaked_pages=result.leaked_pages,
+            )
+        )
+
+    def check_contents(self, result: ConversionResult, pages: int, loops: int) -> None:
+        """G2: page contents as the platform's semantics promise (subclasses decide)."""
+        raise NotImplementedError
+
+    def run_all(self) -> list[ConversionResult]:
+        results = []
+        for index, (pages, chunk, loops) in enumerate(RUNS):
+            result = run_conversions(self.guest, pages, self.seed(index), loops, chunk)
+            self.record(result)
+            self.log.info(
+                "pages=%d chunk=%d loops=%d: %d+%d calls in %.1f ms",
+                pages, chunk, loops, result.decrypt.calls, result.encrypt.calls,
+                result.elapsed_ns / 1e6,
+            )  # fmt: skip
+            self.check(
+                holds(
+                    "G1",
+                    f"the module sees platform {self.platform!r}",
+                    result.platform == self.platform,
+                    platform=result.platform,
+                )
+            )
+            self.check_counts(result, pages, chunk, loops)
+            self.check_contents(result, pages, loops)
+            results.append(result)
+        return results
+
+
+class ConversionDriver(_ConversionScenario):
+    """
+    :avocado: enable
+    :avocado: tags=smoke,tier:tcg,conversion
+    """
+
+    def check_contents(self, result: ConversionResult, pages: int, loops: int) -> None:
+        # Each loop checks each page twice for preservation (after decrypt, after
+        # encrypt) and twice for the round trip of a fresh fill.
+        checks = 2 * pages * loops
+        self.check(
+            holds(
+                "G2",
+                "without memory encryption the calls are no-ops: contents are preserved "
+                f"({checks} page checks) and fresh fills read back ({checks})",
+                result.contents_after_conversion == "preserved"
+                and result.preserved.checked_pages == checks
+                and result.roundtrip.checked_pages == checks
+                and result.contents_ok,
+                preserved=result.preserved,
+                roundtrip=result.roundtrip,
+                first_mismatch=result.first_mismatch,
+            )
+        )
+
+    def test_conversions_succeed_and_preserve_contents_on_a_plain_guest(self) -> None:
+        """G2 on tier tcg: every call is a no-op that succeeds; contents survive; log clean."""
+        self.run_all()
+        self.check_guest_log_clean()
+
+    def test_module_refuses_a_bad_request_with_its_errno(self) -> None:
+        """A request the module refuses comes back as GuestError with its message and errno."""
+        with self.assertRaises(GuestError) as caught:
+            run_request(self.guest, "pages=0 loops=1")
+        message = str(caught.exception)
+        self.check(
+            holds(
+                "G2",
+                "the module refuses pages=0 with EINVAL and says why",
+                "pages=0 out of range" in message and "EINVAL" in message,
+                error=message,
+            )
+        )
+        # A refused request leaves the module usable.
+        result = run_conversions(self.guest, pages=4, seed=self.seed(0), loops=1, chunk=2)
+        self.check_counts(result, 4, 2, 1)
+        self.check_guest_log_clean()
+
+
+class _ConfidentialConversion(_ConversionScenario):
+    """Lab only (tiers tdx/snp): conversions for real; contents after them are undefined.
+
+    The lab gives the rest of the machine (firmware=, and for SNP cbitpos= and
+    reduced_phys_bits=) as parameters.
+
+    :avocado: disable
+    """
+
+    confidential = ""
+
+    def machine_params(self) -> dict[str, Any]:
+        params = super().machine_params()
+        params.setdefault("confidential", self.confidential)
+        params.setdefault("accel", "kvm")
+        params.setdefault("cpu", "host")
+        return params
+
+    def check_contents(self, result: ConversionResult, pages: int, loops: int) -> None:
+        checks = 2 * pages * loops
+        self.check(
+            holds(
+                "G2",
+                "contents after a conversion are undefined, so none are compared; every fresh "
+                f"fill reads back ({checks} page checks)",
+                result.contents_after_conversion == "undefined"
+                and result.preserved.checked_pages == 0
+                and result.roundtrip.checked_pages == checks
+                and result.contents_ok,
+                preserved=result.preserved,
+                roundtrip=result.roundtrip,
+                first_mismatch=result.first_mismatch,
+            )
+        )
+
+    def run_confidential(self) -> None:
+        """G2 on a confidential guest: every call converts and succeeds; log clean."""
+        self.run_all()
+        self.check_guest_log_clean()
+
+
+class ConversionDriverTdx(_ConfidentialConversion):
+    """
+    :avocado: enable
+    :avocado: tags=tier:tdx,conversion
+    """
+
+    tiers = ("tdx",)
+    confidential = "tdx"
+    platform = "tdx"
+
+    def test_tdx_conversions_succeed_and_fresh_fills_round_trip(self) -> None:
+        self.run_confidential()
+
+
+class ConversionDriverSnp(_ConfidentialConversion):
+    """
+    :avocado: enable
+    :avocado: tags=tier:snp,conversion
+    """
+
+    tiers = ("snp",)
+    confidential = "snp"
+    platform = "sev-snp"
+
+    def test_snp_conversions_succeed_and_fresh_fills_round_trip(self) -> None:
+        self.run_confidential()
