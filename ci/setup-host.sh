@@ -10,12 +10,13 @@
 #                gzip, xz-utils, zstd, kmod
 #   guest helper and module builds: gcc, libc6-dev, make
 #   Python: python3-venv
+#   report browser test: chromium (headless screenshot of cvmlab report's HTML)
 set -eu
 
 QEMU_MIN_MAJOR=10
 BACKPORTS_LIST=/etc/apt/sources.list.d/cvmlab-bookworm-backports.list
 BACKPORTS_LINE="deb http://deb.debian.org/debian bookworm-backports main"
-BASE_PACKAGES="busybox-static dropbear-bin openssh-sftp-server cpio gzip xz-utils zstd kmod gcc libc6-dev make python3-venv"
+BASE_PACKAGES="busybox-static dropbear-bin openssh-sftp-server cpio gzip xz-utils zstd kmod gcc libc6-dev make python3-venv chromium"
 QEMU_PACKAGES="qemu-system-x86 qemu-utils"
 
 say() { printf 'setup-host: %s\n' "$*"; }

@@ -1,5 +1,8 @@
 """`cvmlab bench`: speed targets measured side by side in one run.
 
+`cvmlab bench report` times `cvmlab report` over 1,000 synthetic results
+against its budget of 2 s.
+
 `cvmlab bench boot` alternates, `--runs` times each, two cycles of the same
 kernel, initrd and QEMU command line:
 
@@ -31,6 +34,7 @@ from orchestrator.image import ImageManifest, default_image
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.spec import KernelBoot, MachineSpec
+from orchestrator.report.synthetic import REPORT_TARGET_S, bench_report
 
 BOOT_RATIO_TARGET = 1.5
 RAW_TIMEOUT_S = 120.0
@@ -157,8 +161,22 @@ def bench_boot(runs: int, binary: str, progress: Callable[[str], None]) -> Compa
     )
 
 
+def bench_report_speed(runs: int, binary: str, progress: Callable[[str], None]) -> Comparison:
+    """`cvmlab report` over 1,000 results against its 2 s budget (ratio = time / budget)."""
+    del binary  # no guest involved
+    return Comparison(
+        "report",
+        "budget",
+        "report",
+        [REPORT_TARGET_S] * runs,
+        [bench_report(progress) for _ in range(runs)],
+        1.0,
+    )
+
+
 BENCHES: dict[str, Callable[[int, str, Callable[[str], None]], Comparison]] = {
     "boot": bench_boot,
+    "report": bench_report_speed,
 }
 
 

@@ -1,4 +1,4 @@
-"""`cvmlab`: probe | image | bench.
+"""`cvmlab`: probe | image | report | bench.
 
 Each subcommand lives with its layer (`orchestrator.host.probe_cli`,
 `orchestrator.image.cli`, `orchestrator.bench`) and registers itself through
@@ -21,7 +21,9 @@ from orchestrator.errors import CvmlabError
 SUBCOMMAND_MODULES = (
     "orchestrator.host.probe_cli",
     "orchestrator.image.cli",
+    "orchestrator.report.cli",
     "orchestrator.bench",
+    "orchestrator.repro.cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]

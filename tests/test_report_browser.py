@@ -1,6 +1,6 @@
 """The report in a real headless Chromium (Debian's `chromium`): it loads, renders, has data.
 
-Skipped only where chromium is missing (ci/lab/optional-host-packages.txt).
+Skipped only where chromium is missing (ci/setup-host.sh installs it).
 The screenshot check needs no image library: a PNG's IHDR gives its size,
 and its decompressed pixel stream of a one-colour page holds a handful of
 distinct byte values whatever the row filters, while a rendered table or
@@ -29,7 +29,7 @@ BLANK_BELOW = 32
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="Debian's chromium is not installed (apt-get install --no-install-recommends chromium;"
-    " see ci/lab/optional-host-packages.txt)",
+    " run ci/setup-host.sh)",
 )
 
 

@@ -417,7 +417,7 @@ class GuestShell:
                 channel.settimeout(timeout)
                 request(channel)
                 return channel
-            except paramiko.SSHException as err:
+            except (paramiko.SSHException, EOFError, OSError) as err:
                 if channel is not None:
                     closed_unused = channel.closed and channel.exit_status == -1
                     channel.close()
@@ -425,7 +425,12 @@ class GuestShell:
                     closed_unused = True
                 self._check_interrupted()
                 if not (closed_unused and transport.is_active()) or attempt == CHANNEL_ATTEMPTS:
-                    raise
+                    # A guest that crashed or exited meanwhile says so; else one clear error.
+                    self._check_guest()
+                    raise GuestError(
+                        f"could not open an SSH channel to the guest ({err!r})",
+                        "the guest's SSH server went away: see serial.log",
+                    ) from err
                 self._record("channel-retry", attempt=attempt, error=repr(err))
         raise AssertionError("unreachable")
 
