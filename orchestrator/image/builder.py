@@ -54,6 +54,8 @@ from orchestrator.image.kernel import (
 )
 from orchestrator.image.manifest import ImageManifest, load_manifest, verify_image
 from orchestrator.image.recipe import Recipe, RecipeFile, Step, load_recipe
+from orchestrator.image.step_kmod import STEP_KIND as KMOD_KIND
+from orchestrator.image.step_kmod import build_kmod_step, kmod_packages
 from orchestrator.image.step_static_c import STEP_KIND as STATIC_C_KIND
 from orchestrator.image.step_static_c import build_static_c
 
@@ -375,12 +377,13 @@ def run_command_step(ctx: BuildContext, params: dict[str, Any]) -> None:
 STEP_HANDLERS: dict[str, StepHandler] = {
     "command": run_command_step,
     STATIC_C_KIND: build_static_c,
+    KMOD_KIND: build_kmod_step,
 }
 PackageResolver = Callable[[PrivateApt, ArchivePackage, str], list[ArchivePackage]]
 # Step kinds that need archive packages matching the kernel (e.g. its headers): kind ->
 # resolver(apt, kernel package, release), called while planning so that the packages'
 # exact versions enter the image's hash. Skipped for a lab kernel (--vmlinuz).
-STEP_PACKAGES: dict[str, PackageResolver] = {}
+STEP_PACKAGES: dict[str, PackageResolver] = {KMOD_KIND: kmod_packages}
 
 
 def _run_tool(argv: list[str], what: str) -> str:
