@@ -9,7 +9,6 @@ STAMP := $(VENV)/.cvmlab-installed
 RESULTS := results
 # TCG guests are CPU bound: two at a time on a 2-core machine.
 PARALLEL ?= 2
-AVOCADO := $(BIN)/avocado run --job-results-dir $(RESULTS) --disable-sysinfo
 
 .PHONY: smoke test setup host venv image lint unit scenarios scenarios-smoke clean
 
@@ -41,12 +40,13 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q
 
-# Each scenario file runs with its own variants, so one job per file.
+# Profiles live in scenarios/profiles.yaml: one avocado job per scenario file,
+# each with its own variants; the exact avocado commands are printed first.
 scenarios-smoke: venv
-	@./ci/run-scenarios.sh smoke $(PARALLEL)
+	@$(BIN)/cvmlab profile run smoke --results $(RESULTS) --parallel $(PARALLEL)
 
 scenarios: venv
-	@./ci/run-scenarios.sh all $(PARALLEL)
+	@$(BIN)/cvmlab profile run full --results $(RESULTS) --parallel $(PARALLEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""`cvmlab`: probe | image | report | bench.
+"""`cvmlab`: probe | image | report | profile | bench.
 
 Each subcommand lives with its layer (`orchestrator.host.probe_cli`,
 `orchestrator.image.cli`, `orchestrator.bench`) and registers itself through
@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "orchestrator.host.probe_cli",
     "orchestrator.image.cli",
     "orchestrator.report.cli",
+    "orchestrator.profiles",
     "orchestrator.bench",
     "orchestrator.repro.cli",
 )

@@ -78,7 +78,7 @@ class GmemUapi(Scenario):
     """guest_memfd uAPI and host-side invariants on a default VM, through direct ioctls.
 
     :avocado: enable
-    :avocado: tags=gmem,host,tier:gmem
+    :avocado: tags=smoke,gmem,host,tier:gmem
     """
 
     tiers = ("gmem",)
@@ -810,7 +810,7 @@ class GmemUapi(Scenario):
         The race runs in a child process, so a crash there becomes a FAIL
         naming the signal here; it is bounded by RACE_SECONDS and RACE_PUNCHES.
 
-        :avocado: tags=H3,H8,H9,race
+        :avocado: tags=H3,H8,H9,race,stress
         """
         self.require_gmem_flags(SHARED)
         size = 16 * MiB

@@ -157,20 +157,32 @@ def test_lab_scripts_are_executable_bash(script: str) -> None:
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
-def test_run_profile_with_no_matching_test_says_so_and_passes(tmp_path: Path) -> None:
+def _run_profile(tmp_path: Path, profile: str, tier: str) -> subprocess.CompletedProcess[str]:
     if not (REPO / ".venv" / "bin" / "avocado").exists():
         pytest.skip("no .venv with avocado (make venv)")
-    proc = subprocess.run(
-        [str(LAB / "run-profile.sh"), "no-such-profile", "tcg", "1"],
+    return subprocess.run(
+        [str(LAB / "run-profile.sh"), profile, tier, "1"],
         env={**os.environ, "CVMLAB_LAB_RESULTS": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_run_profile_with_no_matching_test_says_so_and_passes(tmp_path: Path) -> None:
+    # No scenario is tagged both stress and tier:tdx: a TDX runner of that profile has no share.
+    proc = _run_profile(tmp_path, "stress", "tdx")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "nothing ran on this tcg host" in proc.stdout
-    assert not list((tmp_path / "lab-tcg").glob("job-*"))
+    assert "nothing ran on this tdx host" in proc.stdout
+    assert not list((tmp_path / "lab-tdx").glob("job-*"))
+
+
+def test_run_profile_refuses_an_unknown_profile_naming_the_known_ones(tmp_path: Path) -> None:
+    proc = _run_profile(tmp_path, "no-such-profile", "tcg")
+    assert proc.returncode != 0
+    assert "no profile 'no-such-profile'" in proc.stderr
+    assert "smoke, full, qualification, stress" in proc.stderr
 
 
 def test_merge_report_merges_every_tiers_jobs(tmp_path: Path) -> None:

@@ -1,0 +1,225 @@
+"""Profiles: named selections of scenarios, run as plain `avocado run` jobs.
+
+`scenarios/profiles.yaml` lists the jobs (one scenario file, with its own
+variants file) and the profiles (smoke, full, qualification, stress: tags to
+filter by, and variants files to swap). `cvmlab profile run NAME` runs one
+avocado job per scenario file that has matching tests, prints each exact
+`avocado run` command first, and ends with where the results are. Nothing
+here imports avocado: it is driven as a program, as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import CvmlabError
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES_FILE = REPO / "scenarios" / "profiles.yaml"
+JOB_LOG_RE = re.compile(r"^JOB LOG\s*:\s*(.*)/job\.log\s*$", re.M)
+
+
+class ProfileError(CvmlabError):
+    """profiles.yaml is malformed, or names a profile, file or tier that does not exist."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One `avocado run FILE [-m VARIANTS]`."""
+
+    file: str
+    variants: str | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    tags: tuple[str, ...]
+    jobs: tuple[Job, ...]
+
+    def tag_filter(self, tier: str | None = None) -> str | None:
+        """One --filter-by-tags value: every tag must hold, `-tag` must not."""
+        tags = [*self.tags, *([f"tier:{tier}"] if tier else [])]
+        return ",".join(tags) or None
+
+
+@dataclass(frozen=True)
+class JobRun:
+    job: Job
+    argv: tuple[str, ...]
+    exit_status: int | None  # None: not run (dry run, or no matching test)
+    job_dir: str | None
+    note: str = ""
+
+
+def _fail(problem: str) -> ProfileError:
+    return ProfileError(f"{PROFILES_FILE.relative_to(REPO)}: {problem}", "fix the file")
+
+
+def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Profile]:
+    """Read and check profiles.yaml: every named file must exist."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise _fail(f"cannot be read ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise _fail("needs a 'jobs' list and a 'profiles' map")
+    jobs: list[Job] = []
+    for item in data["jobs"]:
+        if not isinstance(item, dict) or "file" not in item:
+            raise _fail(f"job {item!r} needs a 'file'")
+        jobs.append(Job(str(item["file"]), item.get("variants")))
+    profiles: dict[str, Profile] = {}
+    for name, spec in (data.get("profiles") or {}).items():
+        if not isinstance(spec, dict):
+            raise _fail(f"profile {name!r} must be a map")
+        swaps: dict[str, str] = spec.get("variants") or {}
+        unknown = set(swaps) - {job.file for job in jobs}
+        if unknown:
+            raise _fail(f"profile {name!r} swaps variants of unknown jobs: {sorted(unknown)}")
+        profiles[name] = Profile(
+            name=str(name),
+            description=str(spec.get("description", "")),
+            tags=tuple(str(t) for t in spec.get("tags") or ()),
+            jobs=tuple(Job(j.file, swaps.get(j.file, j.variants)) for j in jobs),
+        )
+    for profile in profiles.values():
+        for job in profile.jobs:
+            for file in (job.file, job.variants):
+                if file is not None and not (root / file).is_file():
+                    raise _fail(f"profile {profile.name!r} names {file}, which does not exist")
+    return profiles
+
+
+def get_profile(name: str, path: Path = PROFILES_FILE) -> Profile:
+    profiles = load_profiles(path)
+    if name not in profiles:
+        raise ProfileError(f"no profile {name!r}", f"use one of: {', '.join(profiles)}")
+    return profiles[name]
+
+
+def avocado_argv(
+    profile: Profile, job: Job, *, avocado: str, results: str, parallel: int, tier: str | None
+) -> list[str]:
+    """The exact avocado command for one job (references before -m: -m takes several files)."""
+    argv = [avocado, "run", job.file, "--job-results-dir", results]
+    argv += ["--max-parallel-tasks", str(parallel)]
+    tag_filter = profile.tag_filter(tier)
+    if tag_filter:
+        argv.append(f"--filter-by-tags={tag_filter}")
+    if job.variants:
+        argv += ["-m", job.variants]
+    return argv
+
+
+def _has_tests(avocado: str, job: Job, tag_filter: str | None) -> bool:
+    argv = [avocado, "list", job.file]
+    if tag_filter:
+        argv.append(f"--filter-by-tags={tag_filter}")
+    listed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+    return bool(listed.stdout.strip())
+
+
+def run_profile(
+    profile: Profile,
+    *,
+    avocado: str,
+    results: str = "results",
+    parallel: int = 2,
+    tier: str | None = None,
+    dry_run: bool = False,
+    say: Callable[[str], None] = print,
+) -> list[JobRun]:
+    """Run every job of `profile` that has matching tests; avocado's output streams through."""
+    runs: list[JobRun] = []
+    for job in profile.jobs:
+        argv = avocado_argv(
+            profile, job, avocado=avocado, results=results, parallel=parallel, tier=tier
+        )
+        if not _has_tests(avocado, job, profile.tag_filter(tier)):
+            runs.append(JobRun(job, tuple(argv), None, None, "no matching test"))
+            continue
+        say("== " + " ".join(argv))
+        if dry_run:
+            runs.append(JobRun(job, tuple(argv), None, None, "dry run"))
+            continue
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        output = []
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            output.append(line)
+        status = proc.wait()
+        found = JOB_LOG_RE.findall("".join(output))
+        job_dir = found[-1] if found else None
+        if job_dir and Path(job_dir).is_dir():
+            # What `cvmlab report` shows per job: avocado's verdict and the host it ran on.
+            (Path(job_dir) / "avocado-exit").write_text(f"{status}\n")
+            (Path(job_dir) / "hostname").write_text(f"{socket.gethostname()}\n")
+        runs.append(JobRun(job, tuple(argv), status, job_dir))
+    return runs
+
+
+def summary(runs: list[JobRun]) -> str:
+    lines = ["Results (avocado job dirs; results.html, results.json, per-test data/ inside):"]
+    for run in runs:
+        where = run.job_dir or f"({run.note})"
+        status = "" if run.exit_status is None else f"exit {run.exit_status}"
+        lines.append(f"  {run.job.file:<32} {status:<7} {where}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    profile = get_profile(args.name)
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    runs = run_profile(
+        profile,
+        avocado=avocado,
+        results=args.results,
+        parallel=args.parallel,
+        tier=args.tier,
+        dry_run=args.dry_run,
+    )
+    print()
+    print(summary(runs))
+    if not any(run.exit_status is not None or run.note == "dry run" for run in runs):
+        print(f"profile {profile.name}: no test matched", file=sys.stderr)
+    return 1 if any(run.exit_status not in (None, 0) for run in runs) else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    for profile in load_profiles().values():
+        tags = profile.tag_filter() or "(all tests)"
+        print(f"{profile.name:<14} {tags:<22} {profile.description}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "profile", help="list or run test profiles (smoke, full, qualification, stress)"
+    )
+    commands = parser.add_subparsers(dest="profile_command", required=True, metavar="COMMAND")
+    commands.add_parser("list", help="the profiles and their tag filters").set_defaults(
+        handler=_list
+    )
+    run = commands.add_parser("run", help="run a profile: one avocado job per scenario file")
+    run.add_argument("name", help="profile name (see `cvmlab profile list`)")
+    run.add_argument("--tier", help="only tests tagged tier:TIER (a lab runner's own tier)")
+    run.add_argument("--results", default="results", help="avocado job results dir [results]")
+    run.add_argument(
+        "--parallel", type=int, default=2, help="guests at a time (TCG is CPU-bound) [2]"
+    )
+    run.add_argument("--dry-run", action="store_true", help="print the avocado commands only")
+    run.set_defaults(handler=_run)

@@ -1,0 +1,92 @@
+"""Profiles: scenarios/profiles.yaml -> the exact avocado commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import CvmlabError
+from orchestrator.profiles import REPO, Job, Profile, avocado_argv, get_profile, load_profiles
+
+CVMLAB = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def test_the_repository_profiles_load_and_name_existing_files() -> None:
+    profiles = load_profiles()
+    assert list(profiles) == ["smoke", "full", "qualification", "stress"]
+    for profile in profiles.values():
+        for job in profile.jobs:
+            assert (REPO / job.file).is_file()
+            assert job.variants is None or (REPO / job.variants).is_file()
+
+
+def test_qualification_swaps_in_the_negative_variants_of_host_punch() -> None:
+    jobs = {job.file: job.variants for job in get_profile("qualification").jobs}
+    assert jobs["scenarios/host_punch.py"] == "scenarios/variants/host_punch-qualification.yaml"
+    assert jobs["scenarios/boot.py"] == "scenarios/variants/backends.yaml"
+
+
+def test_tier_joins_the_profile_tags_in_one_filter() -> None:
+    profile = Profile("full", "", ("-negative",), ())
+    assert profile.tag_filter() == "-negative"
+    assert profile.tag_filter("tdx") == "-negative,tier:tdx"
+    assert Profile("qualification", "", (), ()).tag_filter() is None
+
+
+def test_references_come_before_the_variants_file() -> None:
+    # avocado's -m takes several files: a reference after it would be read as YAML.
+    argv = avocado_argv(
+        Profile("smoke", "", ("smoke",), ()),
+        Job("scenarios/boot.py", "scenarios/variants/backends.yaml"),
+        avocado="avocado",
+        results="results",
+        parallel=2,
+        tier=None,
+    )
+    assert argv.index("scenarios/boot.py") < argv.index("-m")
+    assert "--filter-by-tags=smoke" in argv and argv[-1] == "scenarios/variants/backends.yaml"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("profiles: {}\n", "needs a 'jobs' list"),
+        ("jobs: [{variants: x.yaml}]\nprofiles: {}\n", "needs a 'file'"),
+        ("jobs: [{file: scenarios/nope.py}]\nprofiles: {p: {tags: []}}\n", "does not exist"),
+        (
+            "jobs: [{file: scenarios/boot.py}]\nprofiles: {p: {variants: {x.py: y.yaml}}}\n",
+            "unknown jobs",
+        ),
+        ("jobs: [\n", "cannot be read"),
+    ],
+)
+def test_a_malformed_profiles_file_is_one_clear_error(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(text)
+    with pytest.raises(CvmlabError, match=problem):
+        load_profiles(path)
+
+
+def test_an_unknown_profile_names_the_known_ones() -> None:
+    with pytest.raises(CvmlabError, match=r"no profile 'nightly'.*smoke, full"):
+        get_profile("nightly")
+
+
+def test_dry_run_prints_one_avocado_command_per_job_with_matching_tests() -> None:
+    proc = subprocess.run(
+        [*CVMLAB, "profile", "run", "smoke", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert any(
+        "scenarios/boot.py" in c and "-m scenarios/variants/backends.yaml" in c for c in commands
+    )
+    assert all("--filter-by-tags=smoke" in c for c in commands)
