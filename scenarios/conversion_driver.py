@@ -19,7 +19,13 @@ import json
 from typing import Any
 
 from orchestrator.errors import GuestError
-from orchestrator.guest.convert import ConversionResult, run_conversions, run_request
+from orchestrator.guest.convert import (
+    MODULE,
+    ConversionResult,
+    run_conversions,
+    run_request,
+    skipped_at_build,
+)
 from orchestrator.invariants.verdict import holds
 from orchestrator.scenario import MachineScenario
 
@@ -38,6 +44,12 @@ class _ConversionScenario(MachineScenario):
     timeout = 300
     #: The platform the module must report, and the content semantics that go with it.
     platform = "none"
+
+    def setUp(self) -> None:
+        super().setUp()
+        reason = skipped_at_build(self.image.directory)
+        if reason is not None:
+            self.cancel(f"the image has no {MODULE}.ko: {reason}")
 
     def seed(self, index: int) -> int:
         return int(self.params.get("seed", default=DEFAULT_SEED)) + index

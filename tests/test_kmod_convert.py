@@ -11,15 +11,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from orchestrator.errors import GuestError, ImageError
-from orchestrator.guest.convert import parse_result, request_text
+from orchestrator.guest.convert import parse_result, request_text, skipped_at_build
 from orchestrator.image.debian import PrivateApt
 from orchestrator.image.kernel import KernelChoice, resolve_archive_kernel
-from orchestrator.image.step_kmod import _check_tree, _depends, kmod_packages, module_vermagic
+from orchestrator.image.step_kmod import (
+    _check_tree,
+    _depends,
+    _point_at_unpacked_common,
+    kmod_packages,
+    missing_compiler,
+    module_vermagic,
+)
 
 # Printed by cvmlab_convert in a TCG guest (6.12.95+deb12-cloud-amd64) for
 # "pages=1000 seed=24304 loops=1 chunk=7".
@@ -178,3 +186,49 @@ def test_a_kernel_without_headers_in_the_suite_is_refused(
         ImageError, match=re.escape("has no linux-headers-6.12.0-nosuch-cloud-amd64")
     ):
         kmod_packages(apt, kernel.package, "6.12.0-nosuch-cloud-amd64")
+
+
+def _kernelvariables(tree: Path, gcc: str) -> None:
+    tree.mkdir(parents=True, exist_ok=True)
+    (tree / ".kernelvariables").write_text(
+        "override ARCH = x86\n"
+        f"CC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE){gcc}\n"
+        "override CROSS_COMPILE = x86_64-linux-gnu-\n"
+    )
+
+
+def test_a_kernel_compiler_the_host_lacks_is_named(tmp_path: Path) -> None:
+    _kernelvariables(tmp_path, "gcc-99")
+    assert missing_compiler(tmp_path) == "x86_64-linux-gnu-gcc-99"
+
+
+def test_the_hosts_own_kernel_compiler_is_not_missing(tmp_path: Path) -> None:
+    if shutil.which("x86_64-linux-gnu-gcc-12") is None:
+        pytest.skip("the host has no gcc-12")
+    _kernelvariables(tmp_path, "gcc-12")
+    assert missing_compiler(tmp_path) is None
+
+
+def test_absolute_usr_src_paths_of_debian_makefiles_point_into_the_unpacked_copy(
+    tmp_path: Path,
+) -> None:
+    headers = tmp_path / "usr/src/linux-headers-7.2.12+deb13-cloud-amd64"
+    headers.mkdir(parents=True)
+    (headers / "Makefile").write_text(
+        "KBUILD_OUTPUT=/usr/src/linux-headers-7.2.12+deb13-cloud-amd64\n"
+        "include /usr/src/linux-headers-7.2.12+deb13-common/Makefile\n"
+    )
+    _point_at_unpacked_common(headers, tmp_path)
+    assert (headers / "Makefile").read_text() == (
+        f"KBUILD_OUTPUT={tmp_path}/usr/src/linux-headers-7.2.12+deb13-cloud-amd64\n"
+        f"include {tmp_path}/usr/src/linux-headers-7.2.12+deb13-common/Makefile\n"
+    )
+
+
+def test_an_image_built_without_the_module_says_why(tmp_path: Path) -> None:
+    reason = "kernel 7.2.12+deb13-cloud-amd64 was built with x86_64-linux-gnu-gcc-14"
+    notes = {"kmods": {"cvmlab_convert": {"skipped": reason}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "build": notes}))
+    assert skipped_at_build(tmp_path) == reason
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "build": {}}))
+    assert skipped_at_build(tmp_path) is None

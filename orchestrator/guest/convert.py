@@ -19,6 +19,7 @@ import errno
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator.errors import GuestError
@@ -137,6 +138,20 @@ class ConversionResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.raw)
+
+
+def skipped_at_build(image_dir: Path) -> str | None:
+    """Why the image was built without the module (its build notes say), or None.
+
+    The `kmod` step skips the module when the host lacks the kernel's compiler; anything
+    that needs the module should then cancel with this reason rather than fail.
+    """
+    try:
+        notes = json.loads((image_dir / "manifest.json").read_text()).get("build", {})
+        reason = notes.get("kmods", {}).get(MODULE, {}).get("skipped")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(reason) if reason else None
 
 
 def _errno_name(value: int) -> str:
@@ -305,4 +320,5 @@ __all__ = [
     "request_text",
     "run_conversions",
     "run_request",
+    "skipped_at_build",
 ]

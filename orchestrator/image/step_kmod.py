@@ -24,6 +24,13 @@ Recipe entry:
       - kind: kmod
         source: cvmlab-convert        # directory of the recipe holding Kbuild + *.c
         module: cvmlab_convert        # the .ko the build produces
+        skip_without_compiler: true   # optional, see below
+
+Modules must be built with the kernel's own compiler (Debian's tree names it: gcc-12 for
+bookworm's kernels, gcc-14 for trixie's). When the host lacks it, the step is an
+ImageError, or with `skip_without_compiler` it ships no module and says why in the
+manifest's build notes (`kmods.<module>.skipped`), so an image of a newer kernel can still
+be built on an older host; what needs the module then cancels with that reason.
 
 Debian's headers package is made to be installed at /usr/src: its Makefile includes the
 common tree by absolute path. The unpacked copy is pointed at its own common tree instead,
@@ -98,8 +105,8 @@ def kmod_packages(apt: PrivateApt, kernel: ArchivePackage, release: str) -> list
     headers = apt.show(name)
     if headers is None:
         raise ImageError(
-            f"{apt.suite} has no {name} for kernel {release} ({kernel.version}): the "
-            "conversion module cannot be built",
+            f"{apt.suite} has no {name} for kernel {release} ({kernel.version}), so no "
+            "module can be built for it",
             fix,
         )
     if headers.version != kernel.version:
@@ -164,12 +171,11 @@ def _headers_tree(ctx: BuildContext) -> Path:
 
 
 def _point_at_unpacked_common(headers: Path, package_root: Path) -> None:
-    """Debian's flavour Makefile includes /usr/src/...-common/Makefile: use the unpacked one."""
+    """Debian's flavour Makefile names /usr/src paths (`include .../-common/Makefile`, and
+    from 7.x `KBUILD_OUTPUT=`): point them at the unpacked copies."""
     makefile = headers / "Makefile"
     text = makefile.read_text()
-    fixed = re.sub(
-        r"^include /usr/src/", f"include {package_root}/usr/src/", text, flags=re.MULTILINE
-    )
+    fixed = re.sub(r"(?<![\w.+-])/usr/src/", f"{package_root}/usr/src/", text)
     if fixed != text:
         makefile.write_text(fixed)
 
@@ -203,14 +209,14 @@ def _check_tree(headers: Path, release: str) -> None:
             f"but the image's kernel is {release}",
             f"use linux-headers-{release} from the kernel's own suite",
         )
+
+
+def missing_compiler(headers: Path) -> str | None:
+    """The kernel's compiler (from Debian's tree) when this host lacks it, else None."""
     compiler = _required_compiler(headers)
-    if compiler is not None and shutil.which(compiler) is None:
-        raise ImageError(
-            f"kernel {release} was built with {compiler}, which this host lacks, and modules "
-            "must be built with the kernel's compiler",
-            f"install {compiler.rsplit('-', 2)[-2]}-{compiler.rsplit('-', 1)[-1]} on the host, "
-            "or choose a kernel built with the host's gcc",
-        )
+    if compiler is None or shutil.which(compiler) is not None:
+        return None
+    return compiler
 
 
 def _kbuild_env() -> dict[str, str]:
@@ -292,6 +298,19 @@ def build_kmod_step(ctx: BuildContext, params: Mapping[str, Any]) -> None:
 
     headers = _headers_tree(ctx)
     _check_tree(headers, release)
+    compiler = missing_compiler(headers)
+    if compiler is not None:
+        reason = (
+            f"kernel {release} was built with {compiler}, which this host lacks, and modules "
+            "must be built with the kernel's own compiler"
+        )
+        if params.get("skip_without_compiler", False):
+            ctx.progress(f"skipping {module}.ko: {reason}")
+            ctx.notes.setdefault("kmods", {})[module] = {"dest": dest, "skipped": reason}
+            return
+        raise ImageError(
+            reason, f"install {compiler} on the host, or choose a kernel built with the host's gcc"
+        )
     # Build in a copy: the recipe directory is an input of the image and stays pristine.
     build_dir = ctx.work / f"kmod-{module}"
     if build_dir.exists():
