@@ -15,12 +15,14 @@ kernel documents them (see the module's header comment):
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
 from orchestrator.errors import GuestError
 from orchestrator.guest.convert import (
     MODULE,
+    CallCounts,
     ConversionResult,
     run_conversions,
     run_request,
@@ -159,6 +161,59 @@ class ConversionDriver(_ConversionScenario):
         # A refused request leaves the module usable.
         result = run_conversions(self.guest, pages=4, seed=self.seed(0), loops=1, chunk=2)
         self.check_counts(result, 4, 2, 1)
+        self.check_guest_log_clean()
+
+    def test_a_failed_conversion_is_counted_and_its_chunk_leaked(self) -> None:
+        """The failure path on tier tcg, where no call fails by itself: `fail_call=4` makes
+        the module report -EIO for its 4th call instead of making it.
+
+        8 pages in chunks of 2, 3 loops: call 4 is loop 0's set_memory_encrypted() of
+        chunk 1, so that chunk (2 pages) is leaked and skipped from then on: 4 + 3 + 3 calls
+        each way, one failed. Pages checked (each twice per loop and kind): 3 chunks x 2
+        pages x 2 x 3 loops, plus the failed chunk's 2 pages once after its decrypt = 38.
+        """
+        result = run_conversions(
+            self.guest, pages=8, seed=self.seed(0), loops=3, chunk=2, fail_call=4
+        )
+        self.record(result)
+        self.check(
+            holds(
+                "G2",
+                "the injected failure is counted (encrypt 10 calls, 9 ok, 1 failed with EIO), "
+                "its chunk leaked (2 pages) and not converted again (decrypt 10 calls)",
+                result.decrypt == CallCounts(10, 10, 0)
+                and result.encrypt == CallCounts(10, 9, 1)
+                and result.injected_failures == 1
+                and result.first_call_error == -errno.EIO
+                and result.leaked_pages == result.leaked_pages_total == 2,
+                decrypt=result.decrypt,
+                encrypt=result.encrypt,
+                first_call_error=result.first_call_error,
+                leaked_pages=result.leaked_pages,
+            )
+        )
+        self.check(
+            holds(
+                "G2",
+                "the other chunks keep their contents through every call (38 page checks)",
+                result.contents_ok
+                and result.preserved.checked_pages == 38
+                and result.roundtrip.checked_pages == 38,
+                preserved=result.preserved,
+                roundtrip=result.roundtrip,
+            )
+        )
+        # The module stays usable, and remembers what it leaked.
+        again = run_conversions(self.guest, pages=4, seed=self.seed(1), loops=1, chunk=2)
+        self.check_counts(again, 4, 2, 1)
+        self.check(
+            holds(
+                "G2",
+                "the next run leaks nothing and the module still counts 2 leaked pages",
+                again.leaked_pages == 0 and again.leaked_pages_total == 2,
+                leaked_pages_total=again.leaked_pages_total,
+            )
+        )
         self.check_guest_log_clean()
 
 

@@ -37,7 +37,7 @@ PLAIN_RESULT = (
     '"decrypt":{"calls":143,"ok":143,"failed":0},"encrypt":{"calls":143,"ok":143,"failed":0},'
     '"preserved":{"checked_pages":2000,"mismatched_pages":0},'
     '"roundtrip":{"checked_pages":2000,"mismatched_pages":0},"first_call_error":0,'
-    '"leaked_pages":0,"leaked_pages_total":0,"elapsed_ns":26627414,"first_mismatch":null}\n'
+    '"injected_failures":0,"leaked_pages":0,"leaked_pages_total":0,"elapsed_ns":26627414,"first_mismatch":null}\n'
 )
 REFUSED = '{"error":-22,"message":"pages=0 out of range 1..65536"}\n'
 HEADERS_DEPENDS = (
@@ -78,10 +78,10 @@ def test_a_mismatch_is_reported_with_where_and_the_two_values() -> None:
 def test_a_failed_call_counts_and_leaks_are_visible() -> None:
     data = json.loads(PLAIN_RESULT)
     data["encrypt"] = {"calls": 143, "ok": 142, "failed": 1}
-    data.update(first_call_error=-5, leaked_pages=7, leaked_pages_total=7)
+    data.update(first_call_error=-5, injected_failures=1, leaked_pages=7, leaked_pages_total=7)
     result = parse_result(json.dumps(data))
     assert not result.all_calls_succeeded
-    assert (result.first_call_error, result.leaked_pages) == (-5, 7)
+    assert (result.first_call_error, result.injected_failures, result.leaked_pages) == (-5, 1, 7)
 
 
 def test_a_refusal_is_a_guest_error_with_the_module_message_and_errno_name() -> None:
@@ -114,6 +114,7 @@ def test_requests_out_of_range_are_refused_before_the_guest(
 
 def test_request_is_one_line_of_key_value_pairs() -> None:
     assert request_text(64, 7, 3, 8) == "pages=64 seed=7 loops=3 chunk=8"
+    assert request_text(8, 1, 3, 2, fail_call=4) == "pages=8 seed=1 loops=3 chunk=2 fail_call=4"
 
 
 # --- the build step -----------------------------------------------------------------------

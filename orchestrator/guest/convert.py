@@ -96,7 +96,8 @@ class ConversionResult:
     calls are no-ops, so the `preserved` counts are checked) and "undefined" on TDX/SNP
     (only the `roundtrip` of a fresh fill is checked). `leaked_pages` are pages whose
     conversion failed: the module keeps them forever rather than free possibly-shared
-    memory. `first_call_error` is the first failing call's negative errno (0 if none).
+    memory. `first_call_error` is the first failing call's negative errno (0 if none);
+    `injected_failures` counts calls a `fail_call` request failed on purpose.
     """
 
     platform: str
@@ -111,6 +112,7 @@ class ConversionResult:
     preserved: CheckCounts
     roundtrip: CheckCounts
     first_call_error: int
+    injected_failures: int
     leaked_pages: int
     leaked_pages_total: int
     elapsed_ns: int
@@ -224,6 +226,7 @@ def parse_result(text: str) -> ConversionResult:
             preserved=_checks(data, "preserved"),
             roundtrip=_checks(data, "roundtrip"),
             first_call_error=_int(data, "first_call_error"),
+            injected_failures=_int(data, "injected_failures"),
             leaked_pages=_int(data, "leaked_pages"),
             leaked_pages_total=_int(data, "leaked_pages_total"),
             elapsed_ns=_int(data, "elapsed_ns"),
@@ -237,13 +240,18 @@ def parse_result(text: str) -> ConversionResult:
         ) from None
 
 
-def request_text(pages: int, seed: int, loops: int, chunk: int) -> str:
-    """The control line for a run; GuestError for a value the module would refuse."""
+def request_text(pages: int, seed: int, loops: int, chunk: int, fail_call: int = 0) -> str:
+    """The control line for a run; GuestError for a value the module would refuse.
+
+    `fail_call=K` (tests only) makes the module skip the K-th conversion call and report
+    -EIO for it, so the failure path (count it, leak the chunk) runs on any guest.
+    """
     bounds = {
         "pages": (pages, 1, MAX_PAGES),
         "chunk": (chunk, 1, min(max(pages, 1), MAX_CHUNK)),
         "loops": (loops, 1, MAX_LOOPS),
         "seed": (seed, 0, 2**64 - 1),
+        "fail_call": (fail_call, 0, 2**64 - 1),
     }
     for name, (value, low, high) in bounds.items():
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -251,7 +259,8 @@ def request_text(pages: int, seed: int, loops: int, chunk: int) -> str:
                 f"conversion request {name}={value!r} is out of range {low}..{high}",
                 f"give an integer {name} within {low}..{high}",
             )
-    return f"pages={pages} seed={seed} loops={loops} chunk={chunk}"
+    text = f"pages={pages} seed={seed} loops={loops} chunk={chunk}"
+    return f"{text} fail_call={fail_call}" if fail_call else text
 
 
 def _timeout_for(pages: int, loops: int) -> float:
@@ -267,6 +276,8 @@ def run_conversions(
     loops: int,
     chunk: int,
     timeout: float | None = None,
+    *,
+    fail_call: int = 0,
 ) -> ConversionResult:
     """Load `cvmlab_convert` if needed, run `loops` conversions of `pages` pages in chunks
     of `chunk` pages, filled from `seed`, and return the module's counts.
@@ -274,7 +285,7 @@ def run_conversions(
     Raises GuestError when the image lacks the module, it does not load, the module
     refuses the request (its message and errno), or the output is not its JSON.
     """
-    request = request_text(pages, seed, loops, chunk)
+    request = request_text(pages, seed, loops, chunk, fail_call)
     return run_request(
         shell, request, timeout if timeout is not None else _timeout_for(pages, loops)
     )

@@ -14,6 +14,10 @@
  *       run (even one that counted failures), a negative errno when the run
  *       could not be carried out (bad input, no memory, interrupted).
  *       Defaults: pages=16 seed=0 loops=1 chunk=1.
+ *       fail_call=K (testing only, default 0 = off): the K-th conversion call
+ *       of the run (decrypt and encrypt calls counted together, from 1) is
+ *       not made and reports -EIO instead, so that the failure path (count,
+ *       leak, skip the chunk from then on) runs where calls cannot fail.
  *       Limits: 1 <= pages <= 65536, 1 <= chunk <= min(pages, 1024),
  *       1 <= loops <= 1000000. The last chunk is smaller when C does not
  *       divide N.
@@ -109,6 +113,7 @@ struct request {
 	u64 seed;
 	u64 loops;
 	u64 chunk;
+	u64 fail_call;
 };
 
 /*
@@ -137,6 +142,7 @@ struct counters {
 	u64 preserved_checked, preserved_mismatched;	/* pages */
 	u64 roundtrip_checked, roundtrip_mismatched;	/* pages */
 	u64 leaked_pages;
+	u64 injected;
 	int first_error;
 	bool have_mismatch;
 	struct mismatch first_mismatch;
@@ -239,16 +245,32 @@ static const char *platform_name(void)
 	return "other";
 }
 
-/* One loop over one chunk: to shared, check, to private, check. */
-static void convert_chunk(struct chunk *c, unsigned long index, u64 seed,
-			  u64 loop, bool preserved, struct counters *n)
+/* Make the next conversion call, unless the request injects its failure. */
+static int convert_call(struct chunk *c, const struct request *req,
+			struct counters *n, bool encrypt)
 {
-	u64 private_key = stream_key(seed, FILL_PRIVATE, loop);
-	u64 shared_key = stream_key(seed, FILL_SHARED, loop);
+	u64 call = n->decrypt_calls + n->encrypt_calls;
+
+	if (req->fail_call && call == req->fail_call) {
+		n->injected++;
+		return -EIO;
+	}
+	if (encrypt)
+		return set_memory_encrypted((unsigned long)c->addr, c->pages);
+	return set_memory_decrypted((unsigned long)c->addr, c->pages);
+}
+
+/* One loop over one chunk: to shared, check, to private, check. */
+static void convert_chunk(struct chunk *c, unsigned long index,
+			  const struct request *req, u64 loop, bool preserved,
+			  struct counters *n)
+{
+	u64 private_key = stream_key(req->seed, FILL_PRIVATE, loop);
+	u64 shared_key = stream_key(req->seed, FILL_SHARED, loop);
 	int ret;
 
 	n->decrypt_calls++;
-	ret = set_memory_decrypted((unsigned long)c->addr, c->pages);
+	ret = convert_call(c, req, n, false);
 	if (ret) {
 		n->decrypt_failed++;
 		note_error(n, ret);
@@ -264,7 +286,7 @@ static void convert_chunk(struct chunk *c, unsigned long index, u64 seed,
 		    &n->roundtrip_checked, &n->roundtrip_mismatched, n);
 
 	n->encrypt_calls++;
-	ret = set_memory_encrypted((unsigned long)c->addr, c->pages);
+	ret = convert_call(c, req, n, true);
 	if (ret) {
 		n->encrypt_failed++;
 		note_error(n, ret);
@@ -276,7 +298,7 @@ static void convert_chunk(struct chunk *c, unsigned long index, u64 seed,
 		check_chunk(c, index, shared_key, "preserved-after-encrypt",
 			    &n->preserved_checked, &n->preserved_mismatched, n);
 	/* The next loop expects the private fill of loop + 1. */
-	private_key = stream_key(seed, FILL_PRIVATE, loop + 1);
+	private_key = stream_key(req->seed, FILL_PRIVATE, loop + 1);
 	fill_chunk(c, private_key);
 	check_chunk(c, index, private_key, "roundtrip-private",
 		    &n->roundtrip_checked, &n->roundtrip_mismatched, n);
@@ -313,8 +335,7 @@ static int run_conversions(const struct request *req, struct counters *n,
 		for (i = 0; i < count; i++) {
 			if (chunks[i].leaked)
 				continue;
-			convert_chunk(&chunks[i], i, req->seed, loop, preserved,
-				      n);
+			convert_chunk(&chunks[i], i, req, loop, preserved, n);
 			cond_resched();
 			/* Every chunk is private again here: safe to stop. */
 			if (fatal_signal_pending(current)) {
@@ -365,7 +386,7 @@ static int parse_request(char *text, struct request *req)
 	u64 number;
 
 	*req = (struct request) { .pages = 16, .seed = 0, .loops = 1,
-				  .chunk = 1 };
+				  .chunk = 1, .fail_call = 0 };
 	while ((token = strsep(&cursor, " \t\n")) != NULL) {
 		if (!*token)
 			continue;
@@ -389,10 +410,11 @@ static int parse_request(char *text, struct request *req)
 			req->loops = number;
 		} else if (!strcmp(token, "chunk")) {
 			req->chunk = number;
+		} else if (!strcmp(token, "fail_call")) {
+			req->fail_call = number;
 		} else {
-			set_error(-EINVAL,
-				  "unknown key %s (use pages seed loops chunk)",
-				  key);
+			set_error(-EINVAL, "unknown key %s (use %s)", key,
+				  "pages seed loops chunk fail_call");
 			return -EINVAL;
 		}
 	}
@@ -431,7 +453,8 @@ static void format_result(const struct request *req, const struct counters *n,
 			"\"encrypt\":{\"calls\":%llu,\"ok\":%llu,\"failed\":%llu},"
 			"\"preserved\":{\"checked_pages\":%llu,\"mismatched_pages\":%llu},"
 			"\"roundtrip\":{\"checked_pages\":%llu,\"mismatched_pages\":%llu},"
-			"\"first_call_error\":%d,\"leaked_pages\":%llu,"
+			"\"first_call_error\":%d,\"injected_failures\":%llu,"
+			"\"leaked_pages\":%llu,"
 			"\"leaked_pages_total\":%llu,\"elapsed_ns\":%llu,",
 			err, err == -EINTR ? "interrupted" :
 			err ? "out of memory" : "ok",
@@ -441,7 +464,8 @@ static void format_result(const struct request *req, const struct counters *n,
 			n->encrypt_calls, n->encrypt_ok, n->encrypt_failed,
 			n->preserved_checked, n->preserved_mismatched,
 			n->roundtrip_checked, n->roundtrip_mismatched,
-			n->first_error, n->leaked_pages, leaked_pages_total,
+			n->first_error, n->injected, n->leaked_pages,
+			leaked_pages_total,
 			elapsed_ns);
 	if (n->have_mismatch)
 		len += scnprintf(result + len, sizeof(result) - len,
@@ -492,7 +516,7 @@ static ssize_t run_write(struct file *file, const char __user *buf,
 	format_result(&req, &n, nchunks, preserved, err,
 		      ktime_get_ns() - start);
 	if (n.leaked_pages)
-		pr_warn("leaked %llu pages after failed conversions (error %d)\n",
+		pr_warn("leaked %llu pages after failed conversions (%d)\n",
 			n.leaked_pages, n.first_error);
 out:
 	mutex_unlock(&run_lock);
