@@ -40,6 +40,8 @@ BALLOON_ID = "balloon0"
 NETDEV_ID = "net0"
 PVPANIC_ID = "pvpanic0"
 QMP_CHARDEV_ID = "qmp0"
+# A second QMP monitor for a person (qmp-shell) while cvmlab holds the first one.
+HUMAN_QMP_CHARDEV_ID = "qmp1"
 SERIAL_CHARDEV_ID = "serial0"
 
 # Placeholder for the run directory in run.sh, replaced by a shell variable.
@@ -51,12 +53,15 @@ class Plumbing:
     """Where a run's channels go: decided at launch, not part of the spec.
 
     `serial` is "stdio" (QEMU's stdout carries the console, read line by line
-    by the serial watcher) or a file path.
+    by the serial watcher) or a file path. `extra_qmp_socket` adds a second QMP
+    monitor there: QEMU serves one client per monitor socket, so a person can
+    attach `qmp-shell` only to a monitor cvmlab does not hold (`cvmlab repro`).
     """
 
     qmp_socket: str
     serial: Literal["stdio"] | str = "stdio"
     trace_file: str | None = None
+    extra_qmp_socket: str | None = None
 
 
 def _escape_opt(value: str) -> str:
@@ -190,6 +195,15 @@ def _boot_args(spec: MachineSpec) -> list[str]:
     return args
 
 
+def qmp_monitor_args(chardev_id: str, socket_path: str) -> list[str]:
+    """A QMP monitor listening on a unix socket (QEMU does not wait for a client)."""
+    return [
+        "-chardev",
+        f"socket,id={chardev_id},path={_escape_opt(socket_path)},server=on,wait=off",
+        "-mon", f"chardev={chardev_id},mode=control",
+    ]  # fmt: skip
+
+
 def _serial_args(serial: str) -> list[str]:
     if serial == "stdio":
         chardev = f"stdio,id={SERIAL_CHARDEV_ID},signal=off"
@@ -256,11 +270,9 @@ def build_argv(
     if spec.confidential is not None:
         argv += ["-object", confidential_object(spec.confidential)]
     argv += _boot_args(spec)
-    argv += [
-        "-chardev",
-        f"socket,id={QMP_CHARDEV_ID},path={_escape_opt(plumbing.qmp_socket)},server=on,wait=off",
-        "-mon", f"chardev={QMP_CHARDEV_ID},mode=control",
-    ]  # fmt: skip
+    argv += qmp_monitor_args(QMP_CHARDEV_ID, plumbing.qmp_socket)
+    if plumbing.extra_qmp_socket:
+        argv += qmp_monitor_args(HUMAN_QMP_CHARDEV_ID, plumbing.extra_qmp_socket)
     argv += _serial_args(plumbing.serial)
     argv += _device_args(spec)
     for event in spec.trace_events:

@@ -112,7 +112,10 @@ class Machine:
         binary: str | list[str] = "qemu-system-x86_64",
         timeline: Timeline | None = None,
         ready_marker: str | None = None,
+        human_qmp: bool = False,
     ) -> None:
+        """`human_qmp` adds a second QMP monitor socket for a person (qmp-shell), kept
+        in `rundir` until the machine is released (`human_qmp_socket`)."""
         self.spec = spec
         self.evidence_dir = Path(evidence_dir)
         # A list runs QEMU through a prefix (e.g. a private loader for a newer build).
@@ -121,6 +124,7 @@ class Machine:
             raise QemuError("empty QEMU binary", "give a path such as qemu-system-x86_64")
         self.timeline = timeline
         self.ready_marker = ready_marker
+        self.human_qmp = human_qmp
 
         self.qmp = QmpSession(self.evidence_dir / "qmp.jsonl", timeline, name=f"qmp-{spec.name}")
         self.console = SerialConsole(timeline, on_crash=self._on_crash)
@@ -160,6 +164,13 @@ class Machine:
     def running(self) -> bool:
         """QEMU has been started and has not exited."""
         return self._proc is not None and not self._exited.is_set()
+
+    @property
+    def human_qmp_socket(self) -> Path | None:
+        """The second QMP monitor's socket (with `human_qmp`, after start())."""
+        if not self.human_qmp or self.rundir is None:
+            return None
+        return self.rundir / "qmp-human.sock"
 
     def stderr_text(self) -> str:
         """What QEMU wrote to stderr so far."""
@@ -255,7 +266,15 @@ class Machine:
         self.rundir = Path(tempfile.mkdtemp(prefix="cvmlab-", dir=_short_tempdir()))
         socket_path = self.rundir / "qmp.sock"
         trace = str(self.evidence_dir / "trace.log") if self.spec.trace_events else None
-        argv = self._argv(Plumbing(qmp_socket=str(socket_path), serial="stdio", trace_file=trace))
+        human = self.human_qmp_socket
+        argv = self._argv(
+            Plumbing(
+                qmp_socket=str(socket_path),
+                serial="stdio",
+                trace_file=trace,
+                extra_qmp_socket=str(human) if human is not None else None,
+            )
+        )
         try:
             self._write_evidence(argv)
             self._serial_log = open(self.evidence_dir / "serial.log", "wb", buffering=0)  # noqa: SIM115
@@ -285,8 +304,10 @@ class Machine:
             self.qmp.connect(socket_path, deadline=launched + timeout, alive=self._alive)
             self.timings["qmp_up"] = self._record("qmp-up", seconds=round(now() - launched, 6))
             # Connected: nobody else needs the socket file (QEMU serves one client),
-            # and a run directory must not outlive a SIGKILLed test.
-            self._remove_rundir()
+            # and a run directory must not outlive a SIGKILLed test. The human
+            # monitor's socket stays until release.
+            if not self.human_qmp:
+                self._remove_rundir()
             if self.spec.ssh_forward:
                 self.ssh_port = self.qmp.ssh_forward_port()
                 if self.ssh_port is None:
