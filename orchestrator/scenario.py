@@ -18,6 +18,7 @@ variants file) or given with `-p key=value`; `qemu` names the QEMU binary.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -42,6 +43,7 @@ from orchestrator.qemu.spec import (
     MachineSpec,
     spec_from_params,
 )
+from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline
 
 DEFAULT_QEMU = "qemu-system-x86_64"
@@ -209,6 +211,7 @@ class MachineScenario(Scenario):
 
     def tearDown(self) -> None:
         try:
+            self._write_repro_bundle()
             machine = getattr(self, "machine", None)
             if machine is not None:
                 self._save_guest_dmesg()
@@ -216,6 +219,31 @@ class MachineScenario(Scenario):
                 self.log.info("guest stopped by %s", rung)
         finally:
             super().tearDown()
+
+    def _write_repro_bundle(self) -> None:
+        """On failure, repro.json for `cvmlab repro`: first in tearDown, so tearDown's own
+        commands (dmesg, shutdown) are not steps. Never masks the test's own result."""
+        if self.status not in FAILED_STATUSES or not hasattr(self, "spec"):
+            return
+        argv_json = self.evidence_dir / "argv.json"
+        if not argv_json.is_file():
+            return  # QEMU was never launched: nothing to reproduce
+        try:
+            seed = self.params.get("seed", default=None)
+            with contextlib.suppress(ValueError):
+                seed = None if seed is None else int(str(seed), 0)
+            write_repro_bundle(
+                self.evidence_dir,
+                test_id=str(self.name),
+                status=self.status,
+                fail_reason=self.fail_reason,
+                spec=self.spec,
+                qemu_command=json.loads(argv_json.read_text()),
+                image=getattr(self, "image", None),
+                seed=seed if isinstance(seed, int) else None,
+            )
+        except Exception:  # a broken bundle must not turn a FAIL into an ERROR
+            self.log.exception("could not write the reproducer bundle (repro.json)")
 
     def _save_guest_dmesg(self) -> None:
         guest = getattr(self, "guest", None)
