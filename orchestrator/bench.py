@@ -174,9 +174,17 @@ def bench_report_speed(runs: int, binary: str, progress: Callable[[str], None]) 
     )
 
 
+def bench_repro(runs: int, binary: str, progress: Callable[[str], None]) -> Comparison:
+    """`cvmlab repro --no-replay` to SSH-ready vs a normal boot to SSH-ready (target 1.2x)."""
+    from orchestrator.repro.speed import bench_repro as run  # it imports this module
+
+    return run(runs, binary, progress)
+
+
 BENCHES: dict[str, Callable[[int, str, Callable[[str], None]], Comparison]] = {
     "boot": bench_boot,
     "report": bench_report_speed,
+    "repro": bench_repro,
 }
 
 
