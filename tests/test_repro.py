@@ -315,6 +315,19 @@ def test_known_hosts_line_pins_the_key_for_the_forwarded_port() -> None:
     assert line == "[127.0.0.1]:40123 ssh-ed25519 AAAAC3Nza\n"
 
 
+def test_repro_runs_without_avocado(tmp_path: Path, boot_files: tuple[Path, Path]) -> None:
+    synthetic_bundle(tmp_path / "data", boot_files)
+    blocked = (
+        "import sys; sys.modules['avocado'] = None; from orchestrator.cli import main; "
+        f"sys.exit(main(['repro', {str(tmp_path / 'data')!r}, '--list']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "   5  ssh test -e /tmp/y  -> exit 1" in proc.stdout
+
+
 # --- bad input through the CLI: one line, no traceback ---------------------------------
 
 
@@ -422,12 +435,16 @@ class Recorded(MachineScenario):
         self.machine.qmp.execute("query-memdev")
         result = self.guest.run("test -e /tmp/never-made", check=False)
         self.assertEqual(result.exit_status, 0, "the file should exist")
+
+    def test_errors_on_a_guest_command(self):
+        self.machine.qmp.execute("query-status")
+        self.guest.run("exit 3")
 '''
 
 
 @pytest.fixture(scope="module")
 def recorded_job(tmp_path_factory: pytest.TempPathFactory, guest_image: ImageManifest) -> Path:
-    """One real avocado job: a passing and a failing machine test (seed 4242)."""
+    """One real avocado job: a passing, a failing and an erroring machine test (seed 4242)."""
     root = tmp_path_factory.mktemp("recorded")
     (root / "recorded.py").write_text(SCENARIO)
     proc = subprocess.run(
@@ -436,7 +453,7 @@ def recorded_job(tmp_path_factory: pytest.TempPathFactory, guest_image: ImageMan
         cwd=root, capture_output=True, text=True, timeout=DEADLINE_S, check=False,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # one FAIL
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one FAIL, one ERROR
     return next((root / "jobs").glob("job-*"))
 
 
@@ -463,6 +480,17 @@ def test_failed_scenario_writes_a_bundle_with_its_steps_and_a_passed_one_does_no
     assert bundle.seed == 4242
     assert bundle.image is not None and bundle.image.outputs == guest_image.outputs
     assert bundle.qemu_argv[0] == "qemu-system-x86_64"
+
+
+@pytest.mark.vm
+def test_erroring_scenario_writes_a_bundle_whose_failing_step_raised(recorded_job: Path) -> None:
+    bundle = load_repro_bundle(result_dir(recorded_job, "test_errors_on_a_guest_command"))
+    assert bundle.status == "ERROR"
+    assert [(s.describe(), s.outcome) for s in bundle.steps] == [
+        ("qmp query-status", "ok"),
+        ("ssh exit 3", "exit 3"),
+    ]
+    assert bundle.failed_step == 2 and bundle.default_until == 1
 
 
 class Lines:
