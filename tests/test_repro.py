@@ -641,3 +641,20 @@ def test_replay_that_crashes_the_guest_stops_there_and_leaves_nothing_running(
     assert result.replayed[0].as_recorded
     assert result.stopped is not None and result.stopped.startswith("the guest crashed at step 2: ")
     assert not_qemu(qemu_pid(tmp_path / "repro"))
+
+
+def test_a_command_with_stdin_keeps_its_input_for_replay() -> None:
+    from orchestrator.repro.steps import extract_steps
+
+    timeline = [
+        {"t": 1.0, "source": "machine", "kind": "ready"},
+        {"t": 2.0, "source": "ssh", "kind": "command", "cmd": "cat > /tmp/x", "input": "secret"},
+        {"t": 2.1, "source": "ssh", "kind": "result", "cmd": "cat > /tmp/x", "exit_status": 0},
+        {"t": 3.0, "source": "ssh", "kind": "command", "cmd": "true"},
+        {"t": 3.1, "source": "ssh", "kind": "result", "cmd": "true", "exit_status": 0},
+    ]
+    steps = extract_steps([], timeline, end=10.0)
+    assert [s.action for s in steps.steps] == [
+        {"cmd": "cat > /tmp/x", "input": "secret"},
+        {"cmd": "true"},
+    ]

@@ -312,7 +312,9 @@ class GuestShell:
         argv = None if isinstance(cmd, str) else tuple(cmd)
         command = cmd if isinstance(cmd, str) else shlex.join(cmd)
         started = now()
-        self._record("command", t=started, cmd=command)
+        # The input goes on the record too (as text), so a reproducer can replay it.
+        stdin = input.decode("utf-8", "replace") if isinstance(input, bytes) else input
+        self._record("command", t=started, cmd=command, input=stdin)
         try:
             with self._command_lock:
                 status, out, err = self._exec(command, timeout, input)

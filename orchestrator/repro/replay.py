@@ -253,7 +253,12 @@ class _Replayer:
         shell = self._need_shell(step)
         if isinstance(shell, StepReplay):
             return shell
-        result = shell.run(str(step.action["cmd"]), timeout=_timeout(step), check=False)
+        result = shell.run(
+            str(step.action["cmd"]),
+            timeout=_timeout(step),
+            check=False,
+            input=step.action.get("input"),
+        )
         outcome = "ok" if result.exit_status == 0 else f"exit {result.exit_status}"
         return StepReplay(step, True, result.exit_status == 0, outcome)
 

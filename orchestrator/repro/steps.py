@@ -252,14 +252,15 @@ def _ssh_steps(timeline: Sequence[Mapping[str, Any]], lo: float, hi: float) -> l
     # Commands wait for their result; FIFO per command text (shells run one at a time).
     pending: dict[str, deque[int]] = {}
     results: dict[int, tuple[bool, str, float | None]] = {}
-    order: list[tuple[float, str]] = []
+    order: list[tuple[float, str, str | None]] = []
     for record in timeline:
         source, kind = record.get("source"), record.get("kind")
         t = float(record.get("t", 0.0))
         if source == "ssh" and kind == "command":
             cmd = str(record.get("cmd", ""))
+            stdin = record.get("input")
             pending.setdefault(cmd, deque()).append(len(order))
-            order.append((t, cmd))
+            order.append((t, cmd, None if stdin is None else str(stdin)))
         elif source == "ssh" and kind in ("result", "command-failed"):
             cmd = str(record.get("cmd", ""))
             queue = pending.get(cmd)
@@ -292,12 +293,13 @@ def _ssh_steps(timeline: Sequence[Mapping[str, Any]], lo: float, hi: float) -> l
             t_end = record.get("t_end")
             took = float(t_end) - t if t_end is not None else None
             steps.append(Step(0, t, "punch", action, True, "ok", took))
-    for index, (t, cmd) in enumerate(order):
+    for index, (t, cmd, stdin) in enumerate(order):
         if not (lo <= t < hi):
             continue
         ok, outcome, seconds = results.get(index, (False, "no result recorded", None))
         secs = None if seconds is None else float(seconds)
-        steps.append(Step(0, t, "ssh", {"cmd": cmd}, ok, outcome, secs))
+        command: dict[str, Any] = {"cmd": cmd} if stdin is None else {"cmd": cmd, "input": stdin}
+        steps.append(Step(0, t, "ssh", command, ok, outcome, secs))
     return steps
 
 
