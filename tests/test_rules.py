@@ -20,6 +20,7 @@ from orchestrator.qemu.spec import (
     MachineSpec,
     MemfdBackend,
     QuoteGenerationSocket,
+    SevGuest,
     SnpGuest,
     TdxGuest,
     VirtioMem,
@@ -193,6 +194,15 @@ REFUSALS: list[tuple[str, MachineSpec, str]] = [
     ("snp-blob-size", snp(id_auth=b64(4095)), "id-auth decodes to 4095 bytes"),
     ("snp-blob-size", snp(host_data="**"), "host-data is not base64"),
     ("snp-blob-size", snp(guest_visible_workarounds=b64(8)), "guest-visible-workarounds"),
+    ("snp-policy-bits", snp(policy=0x30000 | 1 << 18), "MIGRATE_MA"),
+    ("snp-policy-bits", snp(policy=0x30000 | 1 << 40), "beyond bit 25"),
+    (
+        "sev-policy",
+        dataclasses.replace(
+            VALID_SNP, confidential=SevGuest(cbitpos=51, reduced_phys_bits=1, policy=1 << 32)
+        ),
+        "uint32",
+    ),
 ]
 
 

@@ -70,7 +70,7 @@ def test_string_values_from_yaml_and_cli_are_parsed() -> None:
         ({"smp": "two"}, "smp='two' is not a number"),
         ({"share": "maybe"}, "share='maybe' is not a boolean"),
         ({"accel": "hvf"}, "unknown accelerator 'hvf'"),
-        ({"confidential": "sev"}, "unknown confidential guest type 'sev'"),
+        ({"confidential": "cca"}, "unknown confidential guest type 'cca'"),
     ],
 )
 def test_bad_values_are_one_clear_error(params: dict[str, str], message: str) -> None:

@@ -26,6 +26,7 @@ from orchestrator.qemu.spec import (
     KernelBoot,
     MachineSpec,
     MemfdBackend,
+    SevGuest,
     SnpGuest,
     TdxGuest,
 )
@@ -103,8 +104,20 @@ def backend_object(backend: Backend, qom_id: str, size: int) -> str:
     raise TypeError(f"not a memory backend: {backend!r}")
 
 
-def confidential_object(cgs: SnpGuest | TdxGuest) -> str:
-    """The `-object` JSON for `sev-snp-guest` or `tdx-guest` (property names as QEMU's QAPI)."""
+def confidential_object(cgs: SnpGuest | TdxGuest | SevGuest) -> str:
+    """The `-object` JSON for `sev-snp-guest`, `tdx-guest` or `sev-guest` (names as QAPI's)."""
+    if isinstance(cgs, SevGuest):
+        return _json_object(
+            "sev-guest",
+            CGS_ID,
+            {
+                "cbitpos": cgs.cbitpos,
+                "reduced-phys-bits": cgs.reduced_phys_bits,
+                "policy": cgs.policy,
+                "legacy-vm-type": cgs.legacy_vm_type,
+                "kernel-hashes": cgs.kernel_hashes or None,
+            },
+        )
     if isinstance(cgs, SnpGuest):
         return _json_object(
             "sev-snp-guest",

@@ -33,6 +33,7 @@ from orchestrator.qemu.spec import (
     Firmware,
     MachineSpec,
     MemfdBackend,
+    SevGuest,
     SnpGuest,
     TdxGuest,
     VirtioMem,
@@ -70,6 +71,12 @@ TDX_TSC_STEP = 25 * MHz
 TDX_DIGEST_BYTES = 48  # SHA-384
 
 SNP_POLICY_RESERVED_ONE = 1 << 17
+# SEV-SNP firmware ABI "Guest Policy": 7:0 ABI minor, 15:8 ABI major, 16 SMT, 17 reserved
+# (must be one), 18 MIGRATE_MA, 19 DEBUG, 20 SINGLE_SOCKET, then newer optional bits up to 25.
+SNP_POLICY_MIGRATE_MA = 1 << 18
+SNP_POLICY_DEFINED = (1 << 26) - 1
+# sev-guest's policy property is a uint32 (QAPI SevGuestProperties); bit 2 selects SEV-ES.
+SEV_POLICY_ES = 1 << 2
 SNP_BASE64_BYTES = {
     "id-block": 96,
     "id-auth": 4096,
@@ -294,8 +301,11 @@ def check_virtio_mem_confidential(spec: MachineSpec, qemu: QemuFacts | None) -> 
 
 def _kind(spec: MachineSpec) -> str:
     """How messages name the confidential guest type."""
-    assert spec.confidential is not None
-    return "TDX" if spec.confidential.kind == "tdx" else "SEV-SNP"
+    cgs = spec.confidential
+    assert cgs is not None
+    if isinstance(cgs, SevGuest):
+        return "SEV-ES" if cgs.es else "SEV"
+    return "TDX" if cgs.kind == "tdx" else "SEV-SNP"
 
 
 def _tdx(spec: MachineSpec) -> TdxGuest | None:
@@ -304,6 +314,16 @@ def _tdx(spec: MachineSpec) -> TdxGuest | None:
 
 def _snp(spec: MachineSpec) -> SnpGuest | None:
     return spec.confidential if isinstance(spec.confidential, SnpGuest) else None
+
+
+def _sev(spec: MachineSpec) -> SevGuest | None:
+    return spec.confidential if isinstance(spec.confidential, SevGuest) else None
+
+
+def _amd(spec: MachineSpec) -> SnpGuest | SevGuest | None:
+    """The SEV-family object (SNP or legacy SEV/SEV-ES): both have cbitpos/reduced-phys-bits."""
+    cgs = spec.confidential
+    return cgs if isinstance(cgs, (SnpGuest, SevGuest)) else None
 
 
 def check_confidential_accel(spec: MachineSpec, qemu: QemuFacts | None) -> Problem | None:
@@ -330,6 +350,12 @@ def check_confidential_pflash(spec: MachineSpec, qemu: QemuFacts | None) -> Prob
     firmware = _firmware(spec)
     if spec.confidential is None or firmware is None or firmware.interface != "pflash":
         return None
+    sev = _sev(spec)
+    # KVM refuses read-only memslots once a VM has protected state: KVM_X86_SEV_ES_VM,
+    # SNP and TDX (svm_vm_init, kvm_arch_has_readonly_mem). Plain SEV, and SEV-ES on a
+    # legacy default-type VM, keep them.
+    if sev is not None and (not sev.es or sev.legacy_vm_type == "on"):
+        return None
     kind = _kind(spec)
     return Problem(
         f'{kind} with pflash firmware: {kind} VMs have no read-only memslots (QEMU: "pflash '
@@ -347,6 +373,13 @@ def check_confidential_firmware(spec: MachineSpec, qemu: QemuFacts | None) -> Pr
             "from TDVF",
             "give firmware=PATH to a TDVF build (e.g. /usr/share/ovmf/OVMF.inteltdx.fd; "
             "`cvmlab probe` names the one it found)",
+        )
+    if isinstance(spec.confidential, SevGuest):
+        return Problem(
+            f"{_kind(spec)} without firmware: SeaBIOS does not set the C-bit in its page "
+            "tables, so the guest cannot start encrypted",
+            "give firmware=PATH to an OVMF built with SEV support (e.g. "
+            "/usr/share/ovmf/OVMF.amdsev.fd or the distribution's OVMF.fd)",
         )
     return Problem(
         "SEV-SNP without firmware: QEMU's default SeaBIOS cannot run as an SNP guest",
@@ -471,26 +504,26 @@ def check_tdx_machine_options(spec: MachineSpec, qemu: QemuFacts | None) -> Prob
 
 
 def check_snp_reduced_phys_bits(spec: MachineSpec, qemu: QemuFacts | None) -> Problem | None:
-    snp = _snp(spec)
-    if snp is None:
+    amd = _amd(spec)
+    if amd is None:
         return None
-    rpb = snp.reduced_phys_bits
+    rpb = amd.reduced_phys_bits
     if rpb is not None and 1 <= rpb <= 63:
         return None
     return Problem(
-        f"SEV-SNP reduced-phys-bits={rpb}: it is required and must be 1..63",
+        f"{_kind(spec)} reduced-phys-bits={rpb}: it is required and must be 1..63",
         "give reduced_phys_bits from `query-sev-capabilities` on the lab host (normally 1)",
     )
 
 
 def check_snp_cbitpos(spec: MachineSpec, qemu: QemuFacts | None) -> Problem | None:
-    snp = _snp(spec)
-    if snp is None:
+    amd = _amd(spec)
+    if amd is None:
         return None
-    if snp.cbitpos is not None and 1 <= snp.cbitpos <= 63:
+    if amd.cbitpos is not None and 1 <= amd.cbitpos <= 63:
         return None
     return Problem(
-        f"SEV-SNP cbitpos={snp.cbitpos}: it must be given and equal the host's C-bit "
+        f"{_kind(spec)} cbitpos={amd.cbitpos}: it must be given and equal the host's C-bit "
         '(CPUID 0x8000001F EBX[5:0], else QEMU: "cbitpos check failed")',
         "give cbitpos from `query-sev-capabilities` on the lab host (51 on Milan/Genoa, "
         "47 on older parts)",
@@ -506,6 +539,36 @@ def check_snp_policy(spec: MachineSpec, qemu: QemuFacts | None) -> Problem | Non
         "requires it to be 1 and fails SNP_LAUNCH_START otherwise",
         f"set bit 17, e.g. policy={snp.policy | SNP_POLICY_RESERVED_ONE:#x} "
         "(QEMU's default is 0x30000)",
+    )
+
+
+def check_snp_policy_bits(spec: MachineSpec, qemu: QemuFacts | None) -> Problem | None:
+    snp = _snp(spec)
+    if snp is None:
+        return None
+    undefined = snp.policy & ~SNP_POLICY_DEFINED
+    migrate = snp.policy & SNP_POLICY_MIGRATE_MA
+    if snp.policy < 0 or not (undefined or migrate):
+        return None
+    what = []
+    if undefined:
+        what.append(f"bits {undefined:#x} beyond bit 25, reserved (must be zero) in the ABI")
+    if migrate:
+        what.append("bit 18 (MIGRATE_MA), which KVM never accepts (not in its valid mask)")
+    return Problem(
+        f"SEV-SNP policy={snp.policy:#x} sets {' and '.join(what)}: KVM's "
+        "KVM_SEV_SNP_LAUNCH_START returns EINVAL (arch/x86/kvm/svm/sev.c snp_launch_start)",
+        f"clear them, e.g. policy={snp.policy & SNP_POLICY_DEFINED & ~SNP_POLICY_MIGRATE_MA:#x}",
+    )
+
+
+def check_sev_policy(spec: MachineSpec, qemu: QemuFacts | None) -> Problem | None:
+    sev = _sev(spec)
+    if sev is None or 0 <= sev.policy < 2**32:
+        return None
+    return Problem(
+        f"SEV policy={sev.policy:#x} does not fit sev-guest's uint32 policy property",
+        "give a 32-bit policy: 0x1 (NODBG) for SEV, 0x5 (NODBG|ES) for SEV-ES",
     )
 
 
@@ -657,11 +720,15 @@ SPEC_RULES: tuple[Rule, ...] = (
          "QAPI SocketAddress; interfaces.md section 1", check_tdx_quote_socket),
     Rule("tdx-machine-options", "no smm=on, pic=on, or non-split irqchip with TDX",
          "tdx_kvm_init()", check_tdx_machine_options),
-    Rule("snp-reduced-phys-bits", "reduced-phys-bits given, 1..63", "target/i386/sev.c",
-         check_snp_reduced_phys_bits),
-    Rule("snp-cbitpos", "cbitpos given", "target/i386/sev.c", check_snp_cbitpos),
+    Rule("snp-reduced-phys-bits", "reduced-phys-bits given, 1..63 (SNP and SEV)",
+         "target/i386/sev.c", check_snp_reduced_phys_bits),
+    Rule("snp-cbitpos", "cbitpos given (SNP and SEV)", "target/i386/sev.c", check_snp_cbitpos),
     Rule("snp-policy", "SNP policy bit 17 (reserved, must be one) set",
          "SEV-SNP firmware ABI, guest policy", check_snp_policy),
+    Rule("snp-policy-bits", "SNP policy: no MIGRATE_MA, nothing beyond bit 25",
+         "SEV-SNP firmware ABI; arch/x86/kvm/svm/sev.c SNP_POLICY_MASK_VALID",
+         check_snp_policy_bits),
+    Rule("sev-policy", "SEV policy fits 32 bits", "QAPI SevGuestProperties", check_sev_policy),
     Rule("snp-blob-size", "id-block 96, id-auth 4096, host-data 32, workarounds 16 bytes",
          "target/i386/sev.c", check_snp_blobs),
 )  # fmt: skip

@@ -167,7 +167,31 @@ class TdxGuest:
     kind: Literal["tdx"] = "tdx"
 
 
-Confidential = SnpGuest | TdxGuest
+@dataclass(frozen=True)
+class SevGuest:
+    """`sev-guest`: legacy SEV, or SEV-ES when policy bit 2 (0x4) is set.
+
+    `legacy_vm_type` is QEMU's OnOffAuto property (9.1+). cvmlab defaults to "off":
+    with "auto" QEMU still creates a default-type VM with KVM_SEV_INIT/KVM_SEV_ES_INIT,
+    so only "off" exercises KVM_X86_SEV_VM / KVM_X86_SEV_ES_VM + KVM_SEV_INIT2
+    (research/interfaces.md section 2 and pitfall 8.4). SEV and SEV-ES do not use
+    guest_memfd: QEMU pins guest RAM and disables discards.
+    """
+
+    cbitpos: int | None = None
+    reduced_phys_bits: int | None = None
+    policy: int = 0x1
+    legacy_vm_type: Literal["on", "off", "auto"] = "off"
+    kernel_hashes: bool = False
+    kind: Literal["sev"] = "sev"
+
+    @property
+    def es(self) -> bool:
+        """SEV-ES: policy bit 2 (SEV_POLICY_ES) encrypts the register state too."""
+        return bool(self.policy & 0x4)
+
+
+Confidential = SnpGuest | TdxGuest | SevGuest
 
 
 # --- the machine ----------------------------------------------------------------
@@ -277,7 +301,8 @@ MACHINE_KEYS = frozenset(
         "reduced_phys_bits", "snp_policy", "kernel_hashes", "author_key_enabled",
         "vcek_disabled", "guest_visible_workarounds", "id_block", "id_auth", "host_data",
         "tdx_attributes", "sept_ve_disable", "mrconfigid", "mrowner", "mrownerconfig",
-        "qgs_path", "qgs_vsock_cid", "qgs_vsock_port", "tsc_frequency", "trace_events", "name",
+        "qgs_path", "qgs_vsock_cid", "qgs_vsock_port", "sev_policy", "legacy_vm_type",
+        "tsc_frequency", "trace_events", "name",
         *_BACKEND_KEYS,
         *(f"virtio_mem_{key}" for key in _BACKEND_KEYS),
     }
@@ -354,13 +379,27 @@ def _confidential(p: _Params) -> Confidential | None:
             mrownerconfig=p.text("mrownerconfig"),
             quote_generation_socket=qgs,
         )
-    raise SpecError(f"unknown confidential guest type {kind!r}", "use none, snp or tdx")
+    if kind == "sev":
+        legacy = p.text("legacy_vm_type", "off")
+        if legacy not in ("on", "off", "auto"):
+            raise SpecError(f"legacy_vm_type={legacy!r} is unknown", "use on, off or auto")
+        return SevGuest(
+            cbitpos=p.integer("cbitpos"),
+            reduced_phys_bits=p.integer("reduced_phys_bits"),
+            policy=p.integer("sev_policy", 0x1) or 0,
+            legacy_vm_type=legacy,  # type: ignore[arg-type]
+            kernel_hashes=p.flag("kernel_hashes", False),
+        )
+    raise SpecError(f"unknown confidential guest type {kind!r}", "use none, snp, tdx or sev")
 
 
 _SNP_KEYS = {
     "cbitpos", "reduced_phys_bits", "snp_policy", "kernel_hashes", "author_key_enabled",
     "vcek_disabled", "guest_visible_workarounds", "id_block", "id_auth", "host_data",
 }  # fmt: skip
+_SEV_KEYS = {"sev_policy", "legacy_vm_type"}
+# Keys both SEV-SNP and legacy SEV read.
+_SEV_COMMON_KEYS = {"cbitpos", "reduced_phys_bits", "kernel_hashes"}
 _TDX_KEYS = {
     "tdx_attributes", "sept_ve_disable", "mrconfigid", "mrowner", "mrownerconfig", "qgs_path",
     "qgs_vsock_cid", "qgs_vsock_port",
@@ -373,8 +412,12 @@ def _needs(key: str) -> str:
         return "virtio_mem_size (and, for backend keys, a matching virtio_mem_backend)"
     if key in ("free_page_reporting", "deflate_on_oom"):
         return "balloon=on"
+    if key in _SEV_COMMON_KEYS:
+        return "confidential=snp or confidential=sev"
     if key in _SNP_KEYS:
         return "confidential=snp"
+    if key in _SEV_KEYS:
+        return "confidential=sev"
     if key in _TDX_KEYS:
         return "confidential=tdx"
     if key in ("firmware_interface", "firmware_vars"):
@@ -403,7 +446,8 @@ def spec_from_params(params: Mapping[str, Any], boot: Boot | None = None) -> Mac
     reduced_phys_bits, snp_policy, kernel_hashes, author_key_enabled,
     vcek_disabled, guest_visible_workarounds, id_block, id_auth, host_data,
     tdx_attributes, sept_ve_disable, mrconfigid, mrowner, mrownerconfig,
-    qgs_path, qgs_vsock_cid, qgs_vsock_port, tsc_frequency, trace_events, name.
+    qgs_path, qgs_vsock_cid, qgs_vsock_port, sev_policy, legacy_vm_type,
+    tsc_frequency, trace_events, name.
     """
     p = _Params(params)
     for key in SCENARIO_KEYS:
@@ -550,6 +594,8 @@ def spec_from_json(data: Mapping[str, Any]) -> MachineSpec:
             rest = {k: v for k, v in d.items() if k != "kind"}
             if d["kind"] == "snp":
                 return SnpGuest(**rest)
+            if d["kind"] == "sev":
+                return SevGuest(**rest)
             qgs = _optional(
                 rest.pop("quote_generation_socket", None), lambda q: QuoteGenerationSocket(**q)
             )
