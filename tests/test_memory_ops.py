@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,8 +215,9 @@ def test_collector_follows_the_file_in_its_thread(tmp_path: Path) -> None:
         with log.open("a") as out:
             out.write(DISCARD_VMEM + "\n")
         deadline = now() + 5
+        pause = threading.Event()
         while not collector.records() and now() < deadline:
-            collector._stop.wait(0.01)  # the follower thread, not totals(), must read it
+            pause.wait(0.01)  # polling with a deadline: the follower thread must read it
         assert [r.name for r in collector.records()] == ["ram_block_discard_range"]
     finally:
         totals = collector.stop()
