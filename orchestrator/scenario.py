@@ -27,13 +27,14 @@ from typing import Any
 
 from avocado import Test
 
-from orchestrator.errors import CvmlabError, GuestCrashed
+from orchestrator.errors import CvmlabError, GuestCrashed, HostError
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.kernel_log import HostLogWatch
 from orchestrator.host.probe import HostProbe, probe_host
 from orchestrator.image import ImageManifest, default_image, verify_image
 from orchestrator.invariants.guest_log import find_bad_lines
 from orchestrator.invariants.verdict import Verdict, VerdictLog, holds
+from orchestrator.qemu.confidential import prepare_confidential, required_tiers
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.rules import validate
 from orchestrator.qemu.spec import (
@@ -180,6 +181,18 @@ class MachineScenario(Scenario):
         )
         try:
             spec = spec_from_params(params, boot=boot)
+        except CvmlabError as error:
+            self.error(f"bad machine spec: {error}")
+        # A missing tier CANCELs before anything host-specific is looked up.
+        self.require_tiers(*required_tiers(spec))
+        try:
+            # Confidential guests: firmware, SEV C-bit, host checks (a plain spec is unchanged).
+            spec = prepare_confidential(spec, self.probe)
+        except HostError as error:
+            self.cancel(f"this host cannot run the guest: {error}")
+        except CvmlabError as error:
+            self.error(f"bad machine spec: {error}")
+        try:
             validate(spec, self.probe.qemu)
         except CvmlabError as error:
             self.error(f"bad machine spec: {error}")
@@ -194,10 +207,6 @@ class MachineScenario(Scenario):
         except CvmlabError as error:
             self.error(str(error))
         self.spec = self.build_spec()
-        needed: list[str] = [self.spec.accel]
-        if self.spec.confidential is not None:
-            needed.append(self.spec.confidential.kind)
-        self.require_tiers(*needed)
         self.machine = Machine(
             self.spec,
             self.evidence_dir,
