@@ -22,18 +22,26 @@ import contextlib
 import difflib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from avocado import Test
 
 from orchestrator.errors import CvmlabError, GuestCrashed, HostError
+from orchestrator.guest.memhelper import MemHelper, ssh_runner
+from orchestrator.guest.serial import crash_lines
 from orchestrator.guest.ssh import GuestShell
+from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import HostLogWatch
+from orchestrator.host.meminfo import sample_meminfo
 from orchestrator.host.probe import HostProbe, probe_host
+from orchestrator.host.settle import Settled, settle
 from orchestrator.image import ImageManifest, default_image, verify_image
-from orchestrator.invariants.guest_log import find_bad_lines
 from orchestrator.invariants.verdict import Verdict, VerdictLog, holds
+from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
+from orchestrator.memory.expectations import hugetlb_shortfall
+from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.confidential import prepare_confidential, required_tiers
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.rules import validate
@@ -44,8 +52,10 @@ from orchestrator.qemu.spec import (
     MachineSpec,
     spec_from_params,
 )
+from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
 from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline
+from orchestrator.units import MiB
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 # Parameters avocado itself reads from every test.
@@ -272,5 +282,96 @@ class MachineScenario(Scenario):
         if self.machine.crashed is not None:
             raise GuestCrashed("the guest crashed", detail=str(self.machine.crashed))
         dmesg = self.guest.run("dmesg", timeout=20).stdout
-        bad = find_bad_lines(dmesg)
+        bad = crash_lines(dmesg.splitlines())
         return self.check(holds("G3", "guest kernel log is clean", not bad, bad_lines=bad[:20]))
+
+
+class MemoryScenario(MachineScenario):
+    """A guest whose memory the host measures while the test changes it.
+
+    Host-wide meminfo counters move by hundreds of MiB when a guest boots next
+    door, so the whole test, boot included, holds the host lock `meminfo`
+    (other measuring tests wait for it). It also gives the test the backing of
+    `measured_memdev` (`self.backing`, `self.counter`: the host-wide counter
+    that backend moves), the guest memory helper (`self.helper`) and QEMU's
+    memory trace events (`self.trace`). A hugetlb variant on a host without
+    huge pages CANCELs before booting.
+
+    :avocado: disable
+    """
+
+    #: Machine parameters every test of the class needs (variants may not override them).
+    fixed_machine: ClassVar[Mapping[str, Any]] = {}
+    #: The memory backend whose host backing the test follows.
+    measured_memdev: ClassVar[str] = RAM_ID
+    #: Seconds to wait for another measuring test to finish.
+    lock_timeout: ClassVar[float] = 200.0
+
+    lock: HostLock | None
+    backing: BackingProbe
+    counter: str
+    helper: MemHelper
+    trace: TraceCollector
+
+    def machine_params(self) -> dict[str, Any]:
+        params = super().machine_params()
+        params.update(self.fixed_machine)
+        return params
+
+    def setUp(self) -> None:
+        self.lock = None
+        try:
+            spec = spec_from_params(self.machine_params(), boot=KernelBoot(kernel="unused"))
+        except CvmlabError:
+            spec = None  # build_spec reports it, after the probe
+        short = spec and hugetlb_shortfall(spec, dict(sample_meminfo().values))
+        if short:
+            self.cancel(short)
+        lock = HostLock("meminfo", timeout=self.lock_timeout)
+        try:
+            lock.acquire()
+        except HostError as error:
+            self.cancel(str(error))
+        self.lock = lock
+        self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
+        super().setUp()
+        self.backing = BackingProbe(
+            self.machine.qmp, self.machine.pid, self.measured_memdev, timeline=self.timeline
+        )
+        self.counter = self.backing.info.host_counter()
+        self.helper = MemHelper(ssh_runner(self.guest))
+        set_trace_events(self.machine.qmp)
+        self.trace = TraceCollector(
+            trace_output(self.evidence_dir, self.spec.trace_events), self.timeline
+        ).start()
+
+    def tearDown(self) -> None:
+        try:
+            trace = getattr(self, "trace", None)
+            if trace is not None:
+                self.log.info("trace totals: %s", trace.stop().to_json())
+            super().tearDown()
+        finally:
+            if getattr(self, "lock", None) is not None:
+                assert self.lock is not None
+                self.lock.release()
+
+    def settled_backing(self, what: str, **kwargs: Any) -> BackingSample:
+        """What the host holds for `measured_memdev`, once it stops moving (within 1 MiB)."""
+        settled, sample = self.backing.settle(tolerance=MiB, **kwargs)
+        self.log.info(
+            "%s: %s holds %d MiB (settled %s after %.2f s, %d samples)", what,
+            self.measured_memdev, sample.held // MiB, settled.ok, settled.elapsed,
+            len(settled.samples),
+        )  # fmt: skip
+        return sample
+
+    def settled_host(self) -> Settled:
+        """The host-wide counter of this backend, once three readings agree within 2 MiB."""
+        return settle(
+            lambda: host_meminfo([self.counter])[self.counter],
+            tolerance=2 * MiB,
+            window=3,
+            interval=0.2,
+            timeout=15,
+        )

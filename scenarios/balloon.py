@@ -28,13 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from orchestrator.errors import CvmlabError, HostError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
-from orchestrator.host.hostlock import HostLock
-from orchestrator.host.meminfo import sample_meminfo
-from orchestrator.host.settle import Settled, settle
 from orchestrator.invariants.verdict import Tolerance, holds, within
-from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
 from orchestrator.memory.balloon import guest_ram_size, set_balloon
 from orchestrator.memory.expectations import (
     DROP_TOLERANCE,
@@ -42,14 +37,10 @@ from orchestrator.memory.expectations import (
     expect_discard,
     expected_host_move,
     host_verdict,
-    hugetlb_shortfall,
     kib,
 )
 from orchestrator.memory.guest_view import guest_memory
-from orchestrator.qemu.argv import RAM_ID
-from orchestrator.qemu.spec import KernelBoot, spec_from_params
-from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
-from orchestrator.scenario import MachineScenario
+from orchestrator.scenario import MemoryScenario
 from orchestrator.units import MiB
 
 INFLATE = 128 * MiB
@@ -61,65 +52,16 @@ FILL_STATE = "/run/cvmlab-fill"
 #: Free page reporting: what the guest frees, and how long the host may take to get it.
 REPORTED_MIB = 192
 REPORTING_BOUND = 30.0
-#: Seconds a test may wait for the host lock (another memory test running).
-LOCK_TIMEOUT = 200.0
 
 
-class BalloonScenario(MachineScenario):
+class BalloonScenario(MemoryScenario):
     """One guest with a balloon, measured under the host lock.
 
     :avocado: disable
     """
 
     timeout = 360
-    #: Machine parameters every test of the class adds (variants may not override them).
     fixed_machine: ClassVar[Mapping[str, Any]] = {"balloon": "on"}
-
-    def machine_params(self) -> dict[str, Any]:
-        params = super().machine_params()
-        params.update(self.fixed_machine)
-        return params
-
-    def setUp(self) -> None:
-        self.lock: HostLock | None = None
-        # A CANCEL before booting costs no guest. (A bad spec is left to build_spec.)
-        try:
-            spec = spec_from_params(self.machine_params(), boot=KernelBoot(kernel="unused"))
-        except CvmlabError:
-            spec = None
-        short = spec and hugetlb_shortfall(spec, dict(sample_meminfo().values))
-        if short:
-            self.cancel(short)
-        # Held for the whole test, boot included: a guest booting next to us moves the
-        # host-wide counters by hundreds of MiB.
-        lock = HostLock("meminfo", timeout=LOCK_TIMEOUT)
-        try:
-            lock.acquire()
-        except HostError as error:
-            self.cancel(str(error))
-        self.lock = lock
-        self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
-        super().setUp()
-        self.backing = BackingProbe(
-            self.machine.qmp, self.machine.pid, RAM_ID, timeline=self.timeline
-        )
-        self.counter = self.backing.info.host_counter()
-        self.helper = MemHelper(ssh_runner(self.guest))
-        set_trace_events(self.machine.qmp)
-        self.trace = TraceCollector(
-            trace_output(self.evidence_dir, self.spec.trace_events), self.timeline
-        ).start()
-
-    def tearDown(self) -> None:
-        try:
-            trace = getattr(self, "trace", None)
-            if trace is not None:
-                totals = trace.stop()
-                self.log.info("trace totals: %s", totals.to_json())
-            super().tearDown()
-        finally:
-            if self.lock is not None:
-                self.lock.release()
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -151,24 +93,6 @@ class BalloonScenario(MachineScenario):
         filler.release()
         self.timeline.record("guest", "freed", mib=mib)
         return mib
-
-    def settled_backing(self, what: str, **kwargs: Any) -> BackingSample:
-        settled, sample = self.backing.settle(tolerance=MiB, **kwargs)
-        self.log.info(
-            "%s: %s holds %d MiB (settled %s after %.2f s, %d samples)", what,
-            RAM_ID, sample.held // MiB, settled.ok, settled.elapsed, len(settled.samples),
-        )  # fmt: skip
-        return sample
-
-    def settled_host(self) -> Settled:
-        """The host-wide counter of this backend, once three readings agree within 2 MiB."""
-        return settle(
-            lambda: host_meminfo([self.counter])[self.counter],
-            tolerance=2 * MiB,
-            window=3,
-            interval=0.2,
-            timeout=15,
-        )
 
     def check_qemu_warning(self, warning: str | None) -> None:
         if warning is None:

@@ -24,27 +24,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from orchestrator.errors import CvmlabError, HostError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
-from orchestrator.host.hostlock import HostLock
-from orchestrator.host.meminfo import sample_meminfo
-from orchestrator.host.settle import Settled, settle
 from orchestrator.invariants.verdict import Tolerance, holds, within
-from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
 from orchestrator.memory.expectations import (
     drop_verdicts,
     expect_discard,
     expected_host_move,
     host_verdict,
-    hugetlb_shortfall,
     kib,
 )
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.virtio_mem import ResizeResult, resize, virtio_mem_device
 from orchestrator.qemu.argv import VMEM_BACKEND_ID
-from orchestrator.qemu.spec import KernelBoot, spec_from_params
-from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
-from orchestrator.scenario import MachineScenario
+from orchestrator.scenario import MemoryScenario
 from orchestrator.units import MiB
 
 PLUG = 256 * MiB
@@ -53,16 +45,16 @@ LOCKED_MIB = 32
 SEED = 0x7E11
 FILL_MARGIN_MIB = 64
 FILL_STATE = "/run/cvmlab-fill"
-LOCK_TIMEOUT = 200.0
 
 
-class VirtioMem(MachineScenario):
+class VirtioMem(MemoryScenario):
     """
     :avocado: enable
     :avocado: tags=smoke,virtio-mem,tier:tcg
     """
 
     timeout = 360
+    measured_memdev = VMEM_BACKEND_ID
     #: The device and the kernel parameter every variant needs; backends come from variants.
     fixed_machine: ClassVar[Mapping[str, Any]] = {
         "memory": "512M",
@@ -73,63 +65,7 @@ class VirtioMem(MachineScenario):
         "cmdline": "memhp_default_state=online_movable",
     }
 
-    def machine_params(self) -> dict[str, Any]:
-        params = super().machine_params()
-        params.update(self.fixed_machine)
-        return params
-
-    def setUp(self) -> None:
-        self.lock: HostLock | None = None
-        try:
-            spec = spec_from_params(self.machine_params(), boot=KernelBoot(kernel="unused"))
-        except CvmlabError:
-            spec = None  # build_spec reports it
-        short = spec and hugetlb_shortfall(spec, dict(sample_meminfo().values))
-        if short:
-            self.cancel(short)
-        lock = HostLock("meminfo", timeout=LOCK_TIMEOUT)
-        try:
-            lock.acquire()
-        except HostError as error:
-            self.cancel(str(error))
-        self.lock = lock
-        super().setUp()
-        self.backing = BackingProbe(
-            self.machine.qmp, self.machine.pid, VMEM_BACKEND_ID, timeline=self.timeline
-        )
-        self.counter = self.backing.info.host_counter()
-        self.helper = MemHelper(ssh_runner(self.guest))
-        set_trace_events(self.machine.qmp)
-        self.trace = TraceCollector(
-            trace_output(self.evidence_dir, self.spec.trace_events), self.timeline
-        ).start()
-
-    def tearDown(self) -> None:
-        try:
-            trace = getattr(self, "trace", None)
-            if trace is not None:
-                self.log.info("trace totals: %s", trace.stop().to_json())
-            super().tearDown()
-        finally:
-            if self.lock is not None:
-                self.lock.release()
-
     # --- steps ----------------------------------------------------------------------------
-
-    def settled_backing(self, what: str) -> BackingSample:
-        settled, sample = self.backing.settle(tolerance=MiB)
-        self.log.info("%s: %s holds %d MiB (settled %s after %.2f s)", what, VMEM_BACKEND_ID,
-                      sample.held // MiB, settled.ok, settled.elapsed)  # fmt: skip
-        return sample
-
-    def settled_host(self) -> Settled:
-        return settle(
-            lambda: host_meminfo([self.counter])[self.counter],
-            tolerance=2 * MiB,
-            window=3,
-            interval=0.2,
-            timeout=15,
-        )
 
     def check_resize(self, result: ResizeResult, what: str) -> None:
         """G4: QEMU's size and event reached the request; MemTotal moved by exactly as much."""
