@@ -23,13 +23,21 @@ from orchestrator.timeline import Timeline, now
 # "[    1.234567] " printk timestamp) so that a command that merely prints or
 # greps these words does not count as a crash.
 _PRINTK_PREFIX = r"^(?:<\d+>)?(?:\[\s*\d+\.\d+\]\s*)?"
+# Messages some subsystems prefix with their name ("tdx: ", "watchdog: ", "rcu: ").
+_SUBSYSTEM = r"(?:[\w/.-]+: )?"
 DEFAULT_CRASH_PATTERNS: tuple[str, ...] = (
     r"Kernel panic - not syncing",
     r"Oops\b",
-    r"BUG:",
+    _SUBSYSTEM + r"BUG:",  # incl. "watchdog: BUG: soft lockup"
+    r"kernel BUG at",
     r"WARNING:",
     r"general protection fault",
     r"Call Trace:",
+    # Confidential guests (intel/lkvs' launcher scans for these; arch/x86/coco/tdx/tdx.c).
+    r"unchecked MSR access error",
+    _SUBSYSTEM + r"Unexpected #VE",
+    # RCU stalls (kernel/rcu/tree_stall.h): "rcu: INFO: rcu_preempt self-detected stall".
+    r"rcu: INFO: rcu_\w+ (?:self-)?detected stall",
 )
 
 # The kernel closes each report with "---[ end trace <id> ]---" (WARN, BUG, Oops)
