@@ -312,8 +312,8 @@ def test_sev_guest_ram_above_the_memlock_limit_is_refused(tmp_path: Path) -> Non
 
 
 def test_required_tiers_follow_the_guest_type() -> None:
-    assert required_tiers(spec(TdxGuest())) == ("kvm", "tdx")
-    assert required_tiers(spec(SnpGuest())) == ("kvm", "snp")
+    assert required_tiers(spec(TdxGuest())) == ("tdx", "kvm")
+    assert required_tiers(spec(SnpGuest())) == ("snp", "kvm")
     assert required_tiers(spec(SevGuest())) == ("kvm",)
     assert required_tiers(MachineSpec(boot=KERNEL)) == ("tcg",)
 

@@ -37,6 +37,7 @@ from orchestrator.memory.conversions import (
     guest_asked,
     parse_line,
     shared_half_holes,
+    subtract_ranges,
 )
 from orchestrator.memory.host_punch import HostPuncher, borrowed_fd
 from orchestrator.qemu.private_build import ArchiveUnreachable, private_qemu
@@ -204,6 +205,12 @@ def test_range_states_agree_with_a_page_by_page_model(
     assert len(items) == len(states)
     for (_s1, e1, p1), (s2, _e2, p2) in itertools.pairwise(items):
         assert e1 <= s2 and (e1 < s2 or p1 != p2)
+
+
+def test_subtracting_ranges_leaves_what_is_new() -> None:
+    assert subtract_ranges([(0, 100)], [(10, 20), (50, 10)]) == [(0, 10), (30, 20), (60, 40)]
+    assert subtract_ranges([(0, 100)], [(0, 100)]) == []
+    assert subtract_ranges([(0, 10), (20, 10)], [(5, 20)]) == [(0, 5), (25, 5)]
 
 
 def test_counts_subtract_to_the_window_between_two_snapshots() -> None:

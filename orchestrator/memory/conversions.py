@@ -275,6 +275,27 @@ class RangeStates:
         return len(self._items)
 
 
+def subtract_ranges(
+    ranges: Sequence[tuple[int, int]], minus: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """(start, size) pieces of `ranges` not covered by `minus` (both lists of (start, size))."""
+    cut = sorted((s, s + n) for s, n in minus if n > 0)
+    out: list[tuple[int, int]] = []
+    for start, size in sorted(ranges):
+        cursor, end = start, start + size
+        for c_start, c_end in cut:
+            if c_end <= cursor or c_start >= end:
+                continue
+            if c_start > cursor:
+                out.append((cursor, c_start - cursor))
+            cursor = max(cursor, c_end)
+            if cursor >= end:
+                break
+        if cursor < end:
+            out.append((cursor, end - cursor))
+    return out
+
+
 class ConversionLedger:
     """Counts and range states from a stream of conversion events (pure, thread-safe)."""
 
@@ -746,4 +767,5 @@ __all__ = [
     "parse_line",
     "sample_gmem",
     "shared_half_holes",
+    "subtract_ranges",
 ]

@@ -509,7 +509,8 @@ def sev_host_problems(
 
 
 def required_tiers(spec: MachineSpec) -> tuple[str, ...]:
-    """The probe tiers `spec` needs: its accelerator and its confidential guest's tier.
+    """The probe tiers `spec` needs: its confidential guest's tier first (the CANCEL reason
+    then starts with what matters), then its accelerator.
 
     Legacy SEV has no tier of its own: it needs KVM, and `prepare_confidential`
     checks the SEV host facts (HostError, a CANCEL).
@@ -517,7 +518,7 @@ def required_tiers(spec: MachineSpec) -> tuple[str, ...]:
     cgs = spec.confidential
     if cgs is None or isinstance(cgs, SevGuest):
         return (spec.accel,)
-    return (spec.accel, cgs.kind)
+    return (cgs.kind, spec.accel)
 
 
 def prepare_confidential(
