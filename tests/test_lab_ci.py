@@ -171,11 +171,11 @@ def _run_profile(tmp_path: Path, profile: str, tier: str) -> subprocess.Complete
 
 
 def test_run_profile_with_no_matching_test_says_so_and_passes(tmp_path: Path) -> None:
-    # No scenario is tagged both stress and tier:tdx: a TDX runner of that profile has no share.
-    proc = _run_profile(tmp_path, "stress", "tdx")
+    # No scenario is tagged both stress and tier:kvm: a KVM runner of that profile has no share.
+    proc = _run_profile(tmp_path, "stress", "kvm")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "nothing ran on this tdx host" in proc.stdout
-    assert not list((tmp_path / "lab-tdx").glob("job-*"))
+    assert "nothing ran on this kvm host" in proc.stdout
+    assert not list((tmp_path / "lab-kvm").glob("job-*"))
 
 
 def test_run_profile_refuses_an_unknown_profile_naming_the_known_ones(tmp_path: Path) -> None:

@@ -1,0 +1,342 @@
+"""Balloon and virtio-mem on a TDX or SEV-SNP guest (H2, G4, H8).
+
+Lab only (tiers tdx, snp; elsewhere every variant CANCELs with the probe's reason);
+machines from scenarios/variants/coco.yaml.
+
+`CocoBalloon`: the guest touches and frees its memory (so its pages are private and held
+by guest_memfd), then the balloon takes 128 MiB. QEMU's balloon discards with
+`ram_block_discard_range()`, which knows only the shared half; the guest_memfd punch is
+`ram_block_discard_guest_memfd_range()`, which only a conversion calls (accel/kvm/
+kvm-all.c kvm_convert_memory; research/interfaces.md section 8.2). So, asserted:
+- G4: QEMU's balloon reaches the target; the guest's MemTotal falls by exactly 128 MiB;
+- H2: QEMU discarded the shared half of exactly the ballooned pages (trace bytes), and
+  the shared backing did not grow;
+- H2: nothing private was freed: host-wide `Unevictable` (guest_memfd's folios) did not
+  fall by the ballooned amount (within 8 MiB of no change), under the host lock;
+- deflating gives the guest its memory back (G4); G3, H8.
+
+`CocoVirtioMem`: virtio-mem on a confidential guest. QEMU >= 10.1 gives guest_memfd RAM
+its own RamDiscardManager and a region holds only one, so realizing virtio-mem fails
+("Failed to set RamDiscardManager"; orchestrator.qemu.version feature
+virtio-mem-coco-refusal, inferred from the code); 9.1-10.0 start it. The test predicts
+from the target QEMU's version and asserts what that version does:
+- refusal: QEMU exits at start with that message, nothing is left running, H8;
+- working path: 256 MiB plug and 128 MiB unplug move QEMU's plugged size and the
+  guest's MemTotal by exactly as much (G4), the guest can use the memory, G3, H8.
+A version that does the other thing fails the test with the instruction to correct the
+version table.
+
+    avocado run scenarios/coco_memory_ops.py -m scenarios/variants/coco.yaml
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from orchestrator.errors import CvmlabError, HostError, LaunchError
+from orchestrator.guest.memhelper import MemHelper, ssh_runner
+from orchestrator.host.hostlock import HostLock
+from orchestrator.host.meminfo import meminfo_field
+from orchestrator.host.settle import settle
+from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.memory.balloon import guest_ram_size, set_balloon
+from orchestrator.memory.conversions import ConversionObserver, kib
+from orchestrator.memory.guest_view import guest_memory
+from orchestrator.memory.host_punch import HostPuncher, allocated_bytes, borrowed_fd
+from orchestrator.memory.virtio_mem import resize
+from orchestrator.qemu.argv import RAM_ID
+from orchestrator.qemu.confidential import prepare_confidential, required_tiers
+from orchestrator.qemu.rules import violations
+from orchestrator.qemu.spec import KernelBoot, MachineSpec, spec_from_params
+from orchestrator.qemu.trace import trace_output
+from orchestrator.qemu.version import feature
+from orchestrator.scenario import MachineScenario
+from orchestrator.units import MiB
+
+INFLATE = 128 * MiB
+FILL_MARGIN_MIB = 64
+FILL_STATE = "/run/cvmlab-fill"
+SEED = 0xC0BA
+#: "nothing private freed": Unevictable may move by this much for other reasons.
+PRIVATE_TOLERANCE_KIB = 8 * 1024
+LOCK_TIMEOUT = 300.0
+PLUG = 256 * MiB
+UNPLUG = 128 * MiB
+VIRTIO_MEM_REFUSAL = "RamDiscardManager"
+VIRTIO_MEM_RULE = "virtio-mem-confidential"
+
+
+class _CocoMemoryScenario(MachineScenario):
+    """A confidential guest measured under the host lock, with extra machine parameters.
+
+    :avocado: disable
+    """
+
+    timeout = 900
+    boot_timeout = 300.0
+    extra_machine: ClassVar[Mapping[str, Any]] = {}
+    lock: HostLock | None = None
+
+    def machine_params(self) -> dict[str, Any]:
+        params = super().machine_params()
+        params.update(self.extra_machine)
+        return params
+
+    def setUp(self) -> None:
+        self.start_guest()
+
+    def build_spec(self) -> MachineSpec:
+        spec = super().build_spec()
+        self.hold_host_lock()
+        return spec
+
+    def hold_host_lock(self) -> None:
+        """Host-wide counters are judged: once the tiers are there, hold the lock from
+        before the boot (a guest booting next door moves them by hundreds of MiB)."""
+        lock = HostLock("meminfo", timeout=LOCK_TIMEOUT)
+        try:
+            lock.acquire()
+        except HostError as error:
+            self.cancel(str(error))
+        self.lock = lock
+
+    def start_guest(self) -> None:
+        super().setUp()
+        if self.spec.confidential is None:
+            self.cancel("this scenario needs a confidential variant (confidential=tdx|snp)")
+
+    def tearDown(self) -> None:
+        try:
+            super().tearDown()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def unevictable(self) -> int:
+        return settle(
+            lambda: meminfo_field("Unevictable"), tolerance=MiB, window=3, interval=0.2,
+            timeout=20,
+        ).value  # fmt: skip
+
+
+class CocoBalloon(_CocoMemoryScenario):
+    """
+    :avocado: enable
+    :avocado: tags=confidential,balloon,tier:tdx,tier:snp
+    """
+
+    extra_machine: ClassVar[Mapping[str, Any]] = {"balloon": "on"}
+
+    def shared_allocated(self, puncher: HostPuncher) -> int:
+        backing = puncher.backing(RAM_ID)
+        with borrowed_fd(backing.qemu_pid, backing.qemu_fd) as fd:
+            return allocated_bytes(fd)
+
+    def test_balloon_frees_the_shared_half_and_nothing_private(self) -> None:
+        qmp = self.machine.qmp
+        puncher = HostPuncher(qmp, self.machine.pid)
+        observer = ConversionObserver(
+            qmp, trace_output(self.evidence_dir, self.spec.trace_events), self.timeline
+        ).start()
+        try:
+            ram = guest_ram_size(qmp)
+            mib = guest_memory(self.guest).mem_available // MiB - FILL_MARGIN_MIB
+            filler = MemHelper(ssh_runner(self.guest), state=FILL_STATE)
+            filler.hold(mib=mib, seed=SEED, lock=False)
+            filler.release()
+            self.timeline.record("guest", "filled-and-freed", mib=mib)
+
+            unevictable_before = self.unevictable()
+            shared_before = self.shared_allocated(puncher)
+            counts_before = observer.counts()
+            inflate = set_balloon(qmp, ram - INFLATE, guest=self.guest, timeline=self.timeline)
+            window = observer.counts().minus(counts_before)
+            shared_after = self.shared_allocated(puncher)
+            unevictable_after = self.unevictable()
+        finally:
+            observer.stop()
+
+        drop = inflate.guest_total_drop
+        self.check(
+            holds(
+                "G4",
+                f"QEMU's balloon reaches {(ram - INFLATE) // MiB} MiB and the guest's MemTotal "
+                f"falls by exactly {INFLATE // MiB} MiB",
+                inflate.reached and drop == INFLATE,
+                guest_total_drop=drop,
+                **inflate.to_json(),
+            )
+        )
+        self.check(
+            within(
+                "H2",
+                "QEMU discarded the shared half of exactly the ballooned pages "
+                "(ram_block_discard_range bytes)",
+                expected=kib(INFLATE),
+                seen=kib(window.shared_discarded),
+                tolerance=Tolerance(),
+                unit="KiB",
+                failed_discards=window.failed_discards,
+                qemu=window.to_json(),
+            )
+        )
+        self.check(
+            holds(
+                "H2",
+                "the shared backing did not grow while ballooning (private pages have no shared "
+                "half to free, and the balloon populates none)",
+                shared_after <= shared_before and window.failed_discards == 0,
+                shared_before=shared_before,
+                shared_after=shared_after,
+            )
+        )
+        self.check(
+            within(
+                "H2",
+                f"nothing private was freed: guest_memfd keeps the ballooned pages (host-wide "
+                f"Unevictable did not fall by {INFLATE // MiB} MiB)",
+                expected=0,
+                seen=kib(unevictable_before - unevictable_after),
+                tolerance=Tolerance(absolute=PRIVATE_TOLERANCE_KIB),
+                unit="KiB",
+                unevictable_before=unevictable_before,
+                unevictable_after=unevictable_after,
+            )
+        )
+        deflate = set_balloon(qmp, ram, guest=self.guest, timeline=self.timeline)
+        assert inflate.guest_before is not None
+        self.check(
+            holds(
+                "G4",
+                "deflating gives the guest its MemTotal back",
+                deflate.reached
+                and deflate.guest_after is not None
+                and deflate.guest_after.mem_total == inflate.guest_before.mem_total,
+                **deflate.to_json(),
+            )
+        )
+        self.check_guest_log_clean()
+        self.check_host_log_clean()
+
+
+class CocoVirtioMem(_CocoMemoryScenario):
+    """
+    :avocado: enable
+    :avocado: tags=confidential,virtio-mem,tier:tdx,tier:snp
+    """
+
+    extra_machine: ClassVar[Mapping[str, Any]] = {
+        "virtio_mem_size": "512M",
+        "virtio_mem_block_size": "2M",
+        "virtio_mem_requested": 0,
+        "virtio_mem_backend": "memfd",
+        "cmdline": "memhp_default_state=online_movable",
+    }
+    refused: LaunchError | None = None
+    predicted_refusal = False
+
+    def build_spec(self) -> MachineSpec:
+        """As the base class, except that the virtio-mem-confidential rule is the subject
+        of this test, not a reason to stop: it becomes the prediction."""
+        params = self.machine_params()
+        params.setdefault("accel", self.probe.best_accel())
+        boot = KernelBoot(
+            kernel=str(self.image.kernel), initrd=str(self.image.initrd), cmdline=self.image.cmdline
+        )
+        try:
+            spec = spec_from_params(params, boot=boot)
+        except CvmlabError as error:
+            self.error(f"bad machine spec: {error}")
+        self.require_tiers(*required_tiers(spec))
+        try:
+            spec = prepare_confidential(spec, self.probe)
+        except HostError as error:
+            self.cancel(f"this host cannot run the guest: {error}")
+        except CvmlabError as error:
+            self.error(f"bad machine spec: {error}")
+        found = violations(spec, self.probe.qemu)
+        self.predicted_refusal = any(v.rule.id == VIRTIO_MEM_RULE for v in found)
+        others = [v for v in found if v.rule.id != VIRTIO_MEM_RULE]
+        if others:
+            self.error(f"bad machine spec: {others[0].message()}")
+        self.hold_host_lock()
+        return spec
+
+    def start_guest(self) -> None:
+        try:
+            super().start_guest()
+        except LaunchError as error:
+            self.refused = error
+
+    def test_qemu_refuses_or_runs_virtio_mem_as_its_version_says(self) -> None:
+        qemu = self.probe.qemu
+        since = feature("virtio-mem-coco-refusal").since
+        which = qemu.describe() if qemu is not None else "this QEMU"
+        if self.predicted_refusal:
+            message = str(self.refused) if self.refused else ""
+            detail = self.refused.detail if self.refused else ""
+            self.check(
+                holds(
+                    "H8",
+                    f"{which} (>= {since.short()}) refuses virtio-mem on a confidential guest "
+                    f"at start with its documented reason ({VIRTIO_MEM_REFUSAL!r}); nothing is "
+                    "left running",
+                    self.refused is not None
+                    and VIRTIO_MEM_REFUSAL in message + detail
+                    and not self.machine.running,
+                    launch_error=message,
+                    stderr=detail[-2000:],
+                    fix_if_wrong="if this QEMU starts the guest, correct the version of "
+                    "virtio-mem-coco-refusal in orchestrator/qemu/version.py",
+                )
+            )
+            self.check_host_log_clean()
+            return
+        self.check(
+            holds(
+                "G4",
+                f"{which} (< {since.short()}) starts a confidential guest with virtio-mem",
+                self.refused is None,
+                launch_error=str(self.refused) if self.refused else None,
+                fix_if_wrong="if this QEMU refuses, correct virtio-mem-coco-refusal's version in "
+                "orchestrator/qemu/version.py",
+            )
+        )
+        if self.refused is not None:
+            return
+        qmp = self.machine.qmp
+        plug = resize(qmp, PLUG, guest=self.guest, timeline=self.timeline)
+        self.check(
+            holds(
+                "G4",
+                f"plugging {PLUG // MiB} MiB: QEMU reaches it and the guest's MemTotal rises by "
+                "exactly as much",
+                plug.reached and plug.guest_total_change == PLUG,
+                **plug.to_json(),
+            )
+        )
+        filler = MemHelper(ssh_runner(self.guest), state=FILL_STATE)
+        mib = guest_memory(self.guest).mem_available // MiB - FILL_MARGIN_MIB
+        filler.hold(mib=mib, seed=SEED, lock=False)
+        filler.release()
+        self.check(
+            holds(
+                "G4",
+                "the guest used the plugged memory: it filled more than its boot RAM had free",
+                plug.guest_before is not None and mib * MiB > plug.guest_before.mem_available,
+                filled_mib=mib,
+            )
+        )
+        unplug = resize(qmp, PLUG - UNPLUG, guest=self.guest, timeline=self.timeline)
+        self.check(
+            holds(
+                "G4",
+                f"unplugging {UNPLUG // MiB} MiB: QEMU reaches it and MemTotal falls by exactly "
+                "as much",
+                unplug.reached and unplug.guest_total_change == -UNPLUG,
+                **unplug.to_json(),
+            )
+        )
+        self.check_guest_log_clean()
+        self.check_host_log_clean()
