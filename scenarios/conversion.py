@@ -187,7 +187,7 @@ class ConversionStorm(_ConversionScenario):
                 "H2",
                 "no GPA is backed twice: every range whose last conversion went to private "
                 f"({kib(report.checked)} KiB of RAM) is a hole in the shared backing",
-                report.clean,
+                report.clean and report.checked > 0,
                 **report.to_json(),
             )
         )
