@@ -4,9 +4,9 @@
 host), then the balloon inflates by 128 MiB and deflates again:
 - H2: QEMU's backing of guest RAM falls by the ballooned amount, read from the host's
   books with stable sampling (memfd/file: the fd's st_blocks and QEMU's mapping; anon:
-  the mapping's Rss; share=off: the file's blocks and the private copies; host-wide
-  Shmem/AnonPages/HugePages_Free under the host lock), and QEMU's own trace shows the
-  discards that did it;
+  the mapping's Rss; share=off: the file's blocks and the private copies; hugetlb:
+  HugePages_Free), and QEMU's own trace shows the discards that did it; host-wide
+  Shmem/AnonPages are recorded beside it (other work on the host moves them too);
 - G2: a locked buffer the guest helper holds keeps its pattern throughout;
 - G4: QEMU's `actual` and BALLOON_CHANGE reach the target, the guest's MemTotal falls
   by exactly the balloon's size, and deflating gives it all back;
