@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -114,8 +115,15 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
 
     # --- helpers for scenarios ----------------------------------------------------
 
-    def qemu_binary(self) -> str:
-        return str(self.params.get("qemu", default=os.environ.get("CVMLAB_QEMU", DEFAULT_QEMU)))
+    def qemu_binary(self) -> str | list[str]:
+        """The QEMU to run: a path, or an argv prefix (a private build through its loader).
+
+        From the parameter `qemu` or $CVMLAB_QEMU; a value with spaces is split like a
+        shell would (`env QEMU_MODULE_DIR=... ld.so --library-path ... qemu-system-x86_64`).
+        """
+        value = str(self.params.get("qemu", default=os.environ.get("CVMLAB_QEMU", DEFAULT_QEMU)))
+        words = shlex.split(value)
+        return words[0] if len(words) == 1 else words
 
     def refuse_unknown_cli_params(self) -> None:
         """ERROR on a `-p key=value` nobody reads: a typo must not pass silently."""
@@ -217,6 +225,7 @@ class MachineScenario(Scenario):
         except CvmlabError as error:
             self.error(str(error))
         self.spec = self.build_spec()
+        self.before_launch()
         self.machine = Machine(
             self.spec,
             self.evidence_dir,
@@ -227,6 +236,9 @@ class MachineScenario(Scenario):
         self.machine.start()
         self.machine.wait_ready(timeout=self.boot_timeout)
         self.guest = self.machine.ssh(self.image.ssh_user, self.image.ssh_key, self.image.host_key)
+
+    def before_launch(self) -> None:
+        """Called with `self.spec` complete and its tiers present, just before QEMU starts."""
 
     def tearDown(self) -> None:
         try:
@@ -294,7 +306,8 @@ class MemoryScenario(MachineScenario):
     (other measuring tests wait for it). It also gives the test the backing of
     `measured_memdev` (`self.backing`, `self.counter`: the host-wide counter
     that backend moves), the guest memory helper (`self.helper`) and QEMU's
-    memory trace events (`self.trace`). A hugetlb variant on a host without
+    memory trace events (`self.trace`). The lock is taken once the tiers are known
+    to be present (no queueing only to CANCEL); a hugetlb variant on a host without
     huge pages CANCELs before booting.
 
     :avocado: disable
@@ -320,20 +333,6 @@ class MemoryScenario(MachineScenario):
 
     def setUp(self) -> None:
         self.lock = None
-        try:
-            spec = spec_from_params(self.machine_params(), boot=KernelBoot(kernel="unused"))
-        except CvmlabError:
-            spec = None  # build_spec reports it, after the probe
-        short = spec and hugetlb_shortfall(spec, dict(sample_meminfo().values))
-        if short:
-            self.cancel(short)
-        lock = HostLock("meminfo", timeout=self.lock_timeout)
-        try:
-            lock.acquire()
-        except HostError as error:
-            self.cancel(str(error))
-        self.lock = lock
-        self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
         super().setUp()
         self.backing = BackingProbe(
             self.machine.qmp, self.machine.pid, self.measured_memdev, timeline=self.timeline
@@ -344,6 +343,19 @@ class MemoryScenario(MachineScenario):
         self.trace = TraceCollector(
             trace_output(self.evidence_dir, self.spec.trace_events), self.timeline
         ).start()
+
+    def before_launch(self) -> None:
+        """Tiers are present and the spec is valid: now wait for the host to be ours."""
+        short = hugetlb_shortfall(self.spec, dict(sample_meminfo().values))
+        if short:
+            self.cancel(short)
+        lock = HostLock("meminfo", timeout=self.lock_timeout)
+        try:
+            lock.acquire()
+        except HostError as error:
+            self.cancel(str(error))
+        self.lock = lock
+        self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
 
     def tearDown(self) -> None:
         try:
