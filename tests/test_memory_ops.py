@@ -185,6 +185,48 @@ def test_timestamped_line_gets_qemus_time_on_our_clock() -> None:
     assert record.args == {"actual": 256, "oldactual": 0}
 
 
+# QEMU 11.1.3 (-msg timestamp=on, measured here): an ISO-8601 UTC time and a space, no
+# thread id; the discard is ram_block_discard_shared_range with 10.0's arguments.
+ISO_PREFIX = "2026-11-21T06:53:45.332569Z "
+ISO_WALL = 1_795_244_025.332569  # that time as seconds since the epoch
+DISCARD_SHARED = DISCARD_MEMFD.replace("ram_block_discard_range", "ram_block_discard_shared_range")
+
+
+def test_qemu_11_1_discard_name_is_a_discard_with_the_same_arguments() -> None:
+    old, new = parse_line(DISCARD_MEMFD, 1.0, 0.0), parse_line(DISCARD_SHARED, 1.0, 0.0)
+    assert old is not None and new is not None
+    assert new.name == "ram_block_discard_shared_range" and new.args == old.args
+    assert new.discarded == 4096 and not new.failed_discard
+    failed = parse_line(DISCARD_SHARED.replace("ret: 0", "ret: -22"), 1.0, 0.0)
+    assert failed is not None and failed.failed_discard and failed.discarded == 0
+
+
+def test_qemu_11_1_iso_prefix_gives_qemus_time_on_our_clock() -> None:
+    record = parse_line(ISO_PREFIX + DISCARD_SHARED, 99.0, ISO_WALL - 1000.0)
+    assert record is not None and record.name == "ram_block_discard_shared_range"
+    assert record.qemu_wall == pytest.approx(ISO_WALL) and record.tid is None
+    assert record.t == pytest.approx(1000.0)
+    assert record.discarded == 4096
+
+
+def test_a_warning_after_an_iso_time_is_not_a_trace_record() -> None:
+    assert parse_line(ISO_PREFIX + QEMU_WARNING, 1.0, 0.0) is None
+
+
+def test_collector_counts_both_discard_names_as_discards(tmp_path: Path) -> None:
+    log = tmp_path / "trace.log"
+    log.write_text("")
+    collector = TraceCollector(log).start(follow=False)
+    with log.open("a") as out:
+        out.write(f"{DISCARD_MEMFD}\n{ISO_PREFIX}{DISCARD_SHARED}\n{ISO_PREFIX}{UNPLUG}\n")
+    totals = collector.stop()
+    assert totals.discards == 2 and totals.discarded_bytes == 8192
+    assert totals.lines == {
+        "ram_block_discard_range": 1, "ram_block_discard_shared_range": 1,
+        "virtio_mem_unplug_request": 1,
+    }  # fmt: skip
+
+
 def test_collector_totals_complete_lines_only(tmp_path: Path) -> None:
     log = tmp_path / "qemu.stderr"
     log.write_text("old line before start\n")

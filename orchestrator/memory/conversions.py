@@ -33,8 +33,11 @@ direction of the last conversion (`RangeStates`), which is what "no GPA backed t
 (H2) is judged on. `conversion_verdicts` compares the counts with what the guest's
 driver reported (`orchestrator.guest.convert.ConversionResult`).
 
-`ConversionObserver` switches the events on over QMP (`orchestrator.qemu.trace`),
-follows QEMU's trace output and feeds the ledger; `gmem_fds` and `GmemSample` follow
+Line prefixes, the two discard names, switching events on (by `EventGroup`: names a
+QEMU lacks are skipped, a required group with none is an error) and following the
+file are `orchestrator.qemu.trace`'s; this module parses the conversion events'
+arguments. `ConversionObserver` switches the events on over QMP, follows QEMU's trace
+output and feeds the ledger; `gmem_fds` and `GmemSample` follow
 guest_memfd allocation; `shared_half_holes` checks per range that the shared backing
 is a hole (SEEK_DATA on QEMU's own fd, borrowed with pidfd_getfd).
 
@@ -57,10 +60,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from orchestrator.errors import MemoryOpError, QemuError, QmpError
+from orchestrator.errors import MemoryOpError
 from orchestrator.host.fdalloc import GMEM_MARKER, open_fds
 from orchestrator.host.meminfo import sample_meminfo
 from orchestrator.invariants.verdict import Tolerance, Verdict, holds, within
+from orchestrator.qemu.trace import (
+    DISCARD_EVENTS,
+    DISCARD_GROUP,
+    EventGroup,
+    TraceFollower,
+    TraceMonitor,
+    available_events,
+    is_discard,
+    parse_discard,
+    set_trace_events,
+    split_line,
+)
 from orchestrator.timeline import Timeline, now
 
 PAGE = 4096
@@ -69,21 +84,30 @@ KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 #: include/uapi/linux/kvm.h
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
-#: The events a conversion leaves in QEMU's trace (names or globs for QMP). The glob
-#: covers ram_block_discard_range (<= 11.0) and ram_block_discard_shared_range (11.1).
+_NEEDS_KVM = "use QEMU >= 9.1 built with KVM and a trace backend (Debian's has 'log')"
+#: The events a conversion leaves in QEMU's trace, one group per notion; the discard
+#: group is ram_block_discard_range (<= 11.0) or ram_block_discard_shared_range (11.1).
+CONVERSION_GROUPS: tuple[EventGroup, ...] = (
+    EventGroup("kvm_convert_memory", ("kvm_convert_memory",), needs=_NEEDS_KVM),
+    EventGroup("kvm_memory_fault", ("kvm_memory_fault",), needs=_NEEDS_KVM),
+    EventGroup("kvm_hc_map_gpa_range", ("kvm_hc_map_gpa_range",), needs=_NEEDS_KVM),
+    DISCARD_GROUP,
+    # Switched on when this QEMU has it (10.1+: RamBlockAttributes).
+    EventGroup(
+        "RAMBlock attribute changes", ("ram_block_attributes_state_change",), required=False
+    ),
+)
+#: Every name of the required groups (each QEMU has one of the two DISCARD_EVENTS).
 CONVERSION_EVENTS: tuple[str, ...] = (
     "kvm_convert_memory",
     "kvm_memory_fault",
     "kvm_hc_map_gpa_range",
-    "ram_block_discard*range",
+    *DISCARD_EVENTS,
 )
-#: Switched on when this QEMU has it (10.1+: RamBlockAttributes).
 OPTIONAL_EVENTS: tuple[str, ...] = ("ram_block_attributes_state_change",)
 
 EventKind = Literal["convert", "fault", "hypercall", "discard", "attributes"]
 
-_PREFIX = r"(?:\d+@\d+\.\d+:|\d{4}-\d\d-\d\dT[\d:.]+Z? )?"
-_LINE = re.compile(rf"^{_PREFIX}(?P<name>[a-z][a-z0-9_]*)(?: (?P<args>.*))?$")
 _HEX = r"0x[0-9a-fA-F]+"
 _CONVERT = re.compile(
     rf"^start (?P<start>{_HEX}) size (?P<size>{_HEX}) (?P<msg>shared_to_private|private_to_shared)$"
@@ -93,14 +117,9 @@ _HYPERCALL = re.compile(
     rf"^gpa (?P<gpa>{_HEX}) size (?P<size>{_HEX}) attributes (?P<attributes>{_HEX}) "
     rf"flags (?P<flags>{_HEX})$"
 )
-_DISCARD = re.compile(
-    rf"^(?P<rb>\S+)@(?P<hva>{_HEX}|\(nil\)) \+ (?P<length>{_HEX}): madvise: (?P<madvise>-?\d+) "
-    r"fallocate: (?P<fallocate>-?\d+) ret: (?P<ret>-?\d+)$"
-)
 _ATTRIBUTES = re.compile(
     rf"^offset (?P<offset>{_HEX}) size (?P<size>{_HEX}) from '(?P<from>\w+)' to '(?P<to>\w+)'$"
 )
-_DISCARD_NAMES = frozenset({"ram_block_discard_range", "ram_block_discard_shared_range"})
 
 
 @dataclass(frozen=True)
@@ -145,13 +164,14 @@ def parse_event(name: str, args: str) -> ConversionEvent | None:
                 bool(int(m["attributes"], 16) & KVM_MAP_GPA_RANGE_ENCRYPTED),
                 flags=int(m["flags"], 16),
             )  # fmt: skip
-    elif name in _DISCARD_NAMES:
-        m = _DISCARD.match(args)
-        if m:
-            hva = 0 if m["hva"] == "(nil)" else int(m["hva"], 16)
+    elif is_discard(name):
+        discard = parse_discard(args)
+        if discard is not None:
+            hva = discard["hva"]  # "(nil)" stays text: no host address
             return ConversionEvent(
-                "discard", hva, int(m["length"], 16), None, ramblock=m["rb"], ret=int(m["ret"])
-            )
+                "discard", hva if isinstance(hva, int) else 0, int(discard["length"]), None,
+                ramblock=str(discard["ramblock"]), ret=int(discard["ret"]),
+            )  # fmt: skip
     elif name == "ram_block_attributes_state_change":
         m = _ATTRIBUTES.match(args)
         if m:
@@ -164,10 +184,8 @@ def parse_event(name: str, args: str) -> ConversionEvent | None:
 
 def parse_line(line: str) -> ConversionEvent | None:
     """One line of QEMU's log output (any timestamp form); None when it is not ours."""
-    match = _LINE.match(line.rstrip("\r\n"))
-    if match is None:
-        return None
-    return parse_event(match["name"], match["args"] or "")
+    split = split_line(line)
+    return None if split is None else parse_event(split.name, split.args)
 
 
 # --- counting -----------------------------------------------------------------------------
@@ -465,42 +483,18 @@ def conversion_verdicts(
 # --- following QEMU's trace ---------------------------------------------------------------------
 
 
-class Monitor(Protocol):
-    def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any: ...
-
-
-def available_events(qmp: Monitor, patterns: Sequence[str]) -> dict[str, list[str]]:
-    """{pattern: [event names this QEMU has]} via `trace-event-get-state` (globs allowed)."""
-    found: dict[str, list[str]] = {}
-    for pattern in patterns:
-        try:
-            states = qmp.execute("trace-event-get-state", {"name": pattern}) or []
-        except QmpError:
-            # A plain name this QEMU lacks is an error ('unknown event "..."', measured
-            # on 10.0.2); a glob that matches nothing is an empty list.
-            states = []
-        found[pattern] = sorted(str(s["name"]) for s in states)
-    return found
+#: What the observer needs of a QMP session (`orchestrator.qemu.qmp.QmpSession`).
+Monitor = TraceMonitor
 
 
 def enable_conversion_events(qmp: Monitor) -> list[str]:
     """Switch the conversion events on over QMP; the event names now enabled.
 
-    QemuError when this QEMU lacks one of CONVERSION_EVENTS (a build without KVM or
-    guest_memfd support, or older than 9.1) or has no usable trace backend.
+    QemuError naming the QEMU when it lacks every event of a required group of
+    CONVERSION_GROUPS (a build without KVM or guest_memfd support, or older than 9.1)
+    or has no usable trace backend.
     """
-    from orchestrator.qemu.trace import set_trace_events
-
-    present = available_events(qmp, (*CONVERSION_EVENTS, *OPTIONAL_EVENTS))
-    missing = [p for p in CONVERSION_EVENTS if not present[p]]
-    if missing:
-        raise QemuError(
-            f"this QEMU has no trace event {', '.join(missing)}",
-            "use QEMU >= 9.1 built with KVM and a trace backend (Debian's has 'log')",
-        )
-    wanted = [p for p in (*CONVERSION_EVENTS, *OPTIONAL_EVENTS) if present[p]]
-    states = set_trace_events(qmp, wanted)
-    return sorted(states)
+    return sorted(set_trace_events(qmp, CONVERSION_GROUPS))
 
 
 class ConversionObserver:
@@ -531,44 +525,26 @@ class ConversionObserver:
         self.interval = interval
         self.ledger = ConversionLedger()
         self.enabled: list[str] = []
-        self._offset = 0
-        self._partial = b""
-        self._read_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._follower = TraceFollower(
+            self.path, self._handle, interval=interval, name="cvmlab-conversions"
+        )
 
     def start(self) -> ConversionObserver:
-        """Switch the events on, then follow the output from its current end."""
-        try:
-            self._offset = self.path.stat().st_size
-        except FileNotFoundError:
-            self._offset = 0
+        """Switch the events on, then follow the output from where it stood before."""
+        self._follower.skip_to_end()
         self.enabled = enable_conversion_events(self.qmp)
         if self.timeline is not None:
             self.timeline.record("trace", "conversion-events-on", events=self.enabled)
-        self._thread = threading.Thread(target=self._follow, name="cvmlab-conversions", daemon=True)
-        self._thread.start()
+        self._follower.follow()
         return self
-
-    def _follow(self) -> None:
-        while not self._stop.wait(self.interval):
-            with contextlib.suppress(OSError):
-                self.collect()
 
     def collect(self) -> int:
         """Read every complete line written since the last read; events added."""
-        with self._read_lock:
-            try:
-                with open(self.path, "rb") as handle:
-                    handle.seek(self._offset)
-                    chunk = handle.read()
-            except FileNotFoundError:
-                return 0
-            self._offset += len(chunk)
-            lines = (self._partial + chunk).split(b"\n")
-            self._partial = lines.pop()
-            before = self.ledger.counts()
-            added = self.ledger.add_lines(raw.decode("utf-8", "replace") for raw in lines)
+        return self._follower.read()
+
+    def _handle(self, lines: list[str], read_at: float) -> int:
+        before = self.ledger.counts()
+        added = self.ledger.add_lines(lines)
         if added and self.timeline is not None:
             delta = self.ledger.counts().minus(before)
             self.timeline.record(
@@ -584,11 +560,8 @@ class ConversionObserver:
         return self.ledger.counts()
 
     def stop(self) -> ConversionCounts:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        return self.counts()
+        self._follower.stop()
+        return self.ledger.counts()
 
     def __enter__(self) -> ConversionObserver:
         return self.start()
@@ -748,6 +721,7 @@ def shared_half_holes(
 
 __all__ = [
     "CONVERSION_EVENTS",
+    "CONVERSION_GROUPS",
     "ConversionCounts",
     "ConversionEvent",
     "ConversionLedger",

@@ -6,9 +6,25 @@ line through `qemu_log`, to the file named by `-D` (the launcher passes
 stderr (`qemu.stderr` in the evidence directory). Events switched on at run time
 with QMP `trace-event-set-state` (name globs allowed) print to the same place.
 
-A line is `<name> <args>`, or with `-msg timestamp=on` `<tid>@<sec>.<usec>:<name>
-<args>` (QEMU's wall clock, microseconds). Formats of the events this project
-reads, as QEMU 10.0.2 prints them (hw/virtio/trace-events, system/trace-events):
+This module is the one place that knows the `log` backend's lines and QEMU's event
+names across versions (measured on 10.0.2 and 11.1.3):
+
+- A line is `<name> <args>`. With `-msg timestamp=on` QEMU 10.0 puts
+  `<tid>@<sec>.<usec>:` before the name, QEMU 11.1 an ISO-8601 UTC time and a space
+  (`2026-11-21T06:53:45.332569Z <name> <args>`, no thread id). `split_line` reads all
+  three forms.
+- The discard of the shared/normal RAM backing (balloon, free page reporting,
+  virtio-mem unplug, a conversion to private) is `ram_block_discard_range` up to 11.0
+  and `ram_block_discard_shared_range` in 11.1 (same arguments,
+  `%s@%p + 0x%zx: madvise: %d fallocate: %d ret: %d`; 11.1 has no event of the old
+  name, and switching it on there is an error). Both are one notion here
+  (`DISCARD_EVENTS`, `is_discard`, `TraceRecord.discarded`).
+- Events are switched on by `EventGroup`: the names one thing has had across
+  versions. `set_trace_events` skips the names this QEMU lacks and fails, naming the
+  QEMU, only when a required group has none at all.
+
+Formats of the events this project reads, as QEMU 10.0.2 prints them
+(hw/virtio/trace-events, system/trace-events):
 
     ram_block_discard_range ram0@0x7fea10d38000 + 0x1000: madvise: 1 fallocate: 1 ret: 0
     virtio_balloon_handle_output section name: ram0 gpa: 0x18d39000
@@ -17,9 +33,11 @@ reads, as QEMU 10.0.2 prints them (hw/virtio/trace-events, system/trace-events):
     virtio_mem_unplug_request addr=0x108000000 nb_blocks=64
     virtio_mem_resized_usable_region old_size=0x0new_size=0x20000000   (no space: QEMU's format)
 
-`TraceCollector` follows the file from where it stood when started, parses each
-complete line, keeps running totals (lines per event, bytes discarded by
-`ram_block_discard_range` with ret 0, failed discards) and writes the timeline.
+`TraceFollower` reads the complete lines appended to the file since it started (in
+a thread and on demand); `TraceCollector` and `orchestrator.memory.conversions`'
+observer build on it. `TraceCollector` parses each complete line, keeps running
+totals (lines per event, bytes discarded by a discard event with ret 0, failed
+discards) and writes the timeline.
 Per-page and per-request events (a 128 MiB balloon prints 65536 lines) are
 recorded as one timeline record per event name per read, with the count, bytes
 and first/last arguments, so the timeline stays readable; trace.log or
@@ -31,28 +49,64 @@ it (at most `interval` late while the follower thread runs).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fnmatch
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from orchestrator.errors import QemuError, QmpError
+from orchestrator.qemu.qmp import QmpCommandError
 from orchestrator.timeline import Timeline, now
+
+#: The discard of the shared/normal RAM backing (system/physmem.c), by QEMU version:
+#: `ram_block_discard_range` (<= 11.0), `ram_block_discard_shared_range` (11.1). Exact
+#: names, not a glob: a future trace of the guest_memfd punch must not count as one.
+DISCARD_EVENTS: tuple[str, ...] = ("ram_block_discard_range", "ram_block_discard_shared_range")
+_DISCARD_NAMES = frozenset(DISCARD_EVENTS)
+
+
+def is_discard(name: str) -> bool:
+    """Is `name` (either version's) the discard of the shared/normal RAM backing?"""
+    return name in _DISCARD_NAMES
+
+
+@dataclass(frozen=True)
+class EventGroup:
+    """Trace events that mean one thing, under every name QEMU versions gave them.
+
+    `patterns` are names or globs; those this QEMU lacks are skipped. A `required`
+    group with none of them is an error (`needs` says what QEMU would have them).
+    """
+
+    what: str
+    patterns: tuple[str, ...]
+    required: bool = True
+    needs: str = ""
+
+
+DISCARD_GROUP = EventGroup("a discard of the shared/normal RAM backing", DISCARD_EVENTS)
 
 #: What the memory operations switch on: discards (balloon, free page reporting,
 #: virtio-mem unplug all end there), and the balloon and virtio-mem devices' own events.
-MEMORY_EVENTS: tuple[str, ...] = ("ram_block_discard_range", "virtio_balloon_*", "virtio_mem_*")
+MEMORY_GROUPS: tuple[EventGroup, ...] = (
+    DISCARD_GROUP,
+    EventGroup("the virtio-balloon device", ("virtio_balloon_*",)),
+    EventGroup("the virtio-mem device", ("virtio_mem_*",)),
+)
+#: Every name or glob of MEMORY_GROUPS: what a collector of the memory events accepts.
+MEMORY_EVENTS: tuple[str, ...] = tuple(p for group in MEMORY_GROUPS for p in group.patterns)
 
 #: Events that print a line per page or per small request (a 128 MiB balloon is 32768
 #: handle_output lines and 128 set_config lines): recorded on the timeline in batches.
 BATCHED_EVENTS = frozenset(
     {
-        "ram_block_discard_range",
+        *DISCARD_EVENTS,
         "virtio_balloon_handle_output",
         "virtio_balloon_get_config",
         "virtio_balloon_set_config",
@@ -64,8 +118,11 @@ BATCHED_EVENTS = frozenset(
     }
 )
 
+# The prefix -msg timestamp=on adds: "<tid>@<sec>.<usec>:" (10.0) or "<ISO-8601> " (11.1).
 _LINE = re.compile(
-    r"^(?:(?P<tid>\d+)@(?P<sec>\d+)\.(?P<usec>\d{6}):)?(?P<name>[a-z][a-z0-9_]*)(?: (?P<args>.*))?$"
+    r"^(?:(?P<tid>\d+)@(?P<sec>\d+)\.(?P<usec>\d{6}):"
+    r"|(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?) )?"
+    r"(?P<name>[a-z][a-z0-9_]*)(?: (?P<args>.*))?$"
 )
 _DISCARD = re.compile(
     r"^(?P<ramblock>\S+)@(?P<hva>0x[0-9a-f]+|\(nil\)) \+ (?P<length>0x[0-9a-f]+): "
@@ -89,12 +146,56 @@ def _value(text: str) -> int | str:
         return text
 
 
+def _iso_wall(text: str) -> float:
+    """Seconds since the epoch of QEMU 11.1's ISO-8601 stamp (UTC when no zone is given)."""
+    stamp = datetime.datetime.fromisoformat(text)
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+    return stamp.timestamp()
+
+
+@dataclass(frozen=True)
+class TraceLine:
+    """One `log` backend line split into its parts: event name, argument text, stamp."""
+
+    name: str
+    args: str
+    wall: float | None = None  # QEMU's wall clock (-msg timestamp=on), either prefix form
+    tid: int | None = None  # only 10.0's prefix names the thread
+
+
+def split_line(line: str) -> TraceLine | None:
+    """Name, arguments and stamp of one line in any of the three forms; None if not a trace line."""
+    match = _LINE.match(line.rstrip("\r\n"))
+    if match is None:
+        return None
+    wall = None
+    if match["sec"] is not None:
+        wall = int(match["sec"]) + int(match["usec"]) / 1e6
+    elif match["iso"] is not None:
+        try:
+            wall = _iso_wall(match["iso"])
+        except ValueError:
+            return None
+    tid = int(match["tid"]) if match["tid"] is not None else None
+    return TraceLine(match["name"], match["args"] or "", wall, tid)
+
+
+def parse_discard(text: str) -> dict[str, int | str] | None:
+    """The arguments of a discard line (either name): ramblock, hva ("(nil)" kept as text),
+    length, madvise, fallocate, ret; None when the text is not in that format."""
+    match = _DISCARD.match(text)
+    return {k: _value(v) for k, v in match.groupdict().items()} if match else None
+
+
 def parse_args(name: str, text: str) -> dict[str, int | str]:
     """The arguments of one trace line as a dict (numbers as ints, hex included)."""
-    special = {"ram_block_discard_range": _DISCARD, "virtio_mem_resized_usable_region": _RESIZED}
-    pattern = special.get(name)
-    if pattern is not None:
-        match = pattern.match(text)
+    if is_discard(name):
+        discard = parse_discard(text)
+        if discard is not None:
+            return discard
+    elif name == "virtio_mem_resized_usable_region":
+        match = _RESIZED.match(text)
         if match:
             return {k: _value(v) for k, v in match.groupdict().items()}
     return {m["key"].replace(" ", "_"): _value(m["value"]) for m in _PAIR.finditer(text)}
@@ -109,19 +210,19 @@ class TraceRecord:
     line: str
     t: float  # monotonic: QEMU's own stamp converted, or when the line was read
     qemu_wall: float | None = None  # QEMU's wall-clock stamp (-msg timestamp=on), if any
-    tid: int | None = None
+    tid: int | None = None  # 10.0's timestamp prefix only
 
     @property
     def discarded(self) -> int:
-        """Bytes this line says were discarded successfully (ram_block_discard_range, ret 0)."""
-        if self.name != "ram_block_discard_range" or self.args.get("ret") != 0:
+        """Bytes this line says were discarded successfully (a DISCARD_EVENTS name, ret 0)."""
+        if not is_discard(self.name) or self.args.get("ret") != 0:
             return 0
         length = self.args.get("length")
         return length if isinstance(length, int) else 0
 
     @property
     def failed_discard(self) -> bool:
-        return self.name == "ram_block_discard_range" and self.args.get("ret", 0) != 0
+        return is_discard(self.name) and self.args.get("ret", 0) != 0
 
 
 def parse_line(
@@ -132,62 +233,97 @@ def parse_line(
     `names` are the event globs to accept (all lowercase identifiers when empty);
     `wall_offset` is time.time() - now(), to turn QEMU's wall stamps into now() time.
     """
-    match = _LINE.match(line.rstrip("\n"))
-    if match is None:
+    split = split_line(line)
+    if split is None:
         return None
-    name = match["name"]
-    if names and not any(fnmatch.fnmatchcase(name, glob) for glob in names):
+    if names and not any(fnmatch.fnmatchcase(split.name, glob) for glob in names):
         return None
-    wall = None
-    t = read_at
-    if match["sec"] is not None:
-        wall = int(match["sec"]) + int(match["usec"]) / 1e6
-        t = wall - wall_offset
     return TraceRecord(
-        name=name,
-        args=parse_args(name, match["args"] or ""),
-        line=line.rstrip("\n"),
-        t=t,
-        qemu_wall=wall,
-        tid=int(match["tid"]) if match["tid"] is not None else None,
+        name=split.name,
+        args=parse_args(split.name, split.args),
+        line=line.rstrip("\r\n"),
+        t=read_at if split.wall is None else split.wall - wall_offset,
+        qemu_wall=split.wall,
+        tid=split.tid,
     )
 
 
 # --- switching events on --------------------------------------------------------------------
 
 
-def set_trace_events(
-    qmp: TraceMonitor, patterns: Iterable[str] = MEMORY_EVENTS, enable: bool = True
-) -> dict[str, str]:
-    """Switch the events matching `patterns` on (or off) and confirm it; {event: state}.
+def qemu_name(qmp: TraceMonitor) -> str:
+    """The QEMU as messages name it: "QEMU 11.1.3 (Debian ...)", or "this QEMU" if unknown."""
+    try:
+        version = qmp.execute("query-version")
+        numbers = version["qemu"]
+        name = f"QEMU {numbers['major']}.{numbers['minor']}.{numbers['micro']}"
+        package = str(version.get("package", "")).strip()
+    except (QmpError, KeyError, TypeError, AttributeError):
+        return "this QEMU"
+    return f"{name} ({package})" if package else name
 
-    Raises QemuError when a pattern matches no event of this QEMU or an event stays in
-    the other state (QEMU built without a trace backend reports "unavailable").
+
+def available_events(qmp: TraceMonitor, patterns: Iterable[str]) -> dict[str, list[str]]:
+    """{pattern: [event names this QEMU has]} via `trace-event-get-state` (globs allowed)."""
+    found: dict[str, list[str]] = {}
+    for pattern in patterns:
+        try:
+            states = qmp.execute("trace-event-get-state", {"name": pattern}) or []
+        except QmpCommandError:
+            # A plain name this QEMU lacks is QEMU's error 'unknown event "..."' (10.0.2,
+            # 11.1.3); a glob that matches nothing is an empty list.
+            states = []
+        found[pattern] = sorted(str(s["name"]) for s in states)
+    return found
+
+
+def _as_group(item: str | EventGroup) -> EventGroup:
+    return item if isinstance(item, EventGroup) else EventGroup(f"trace event {item!r}", (item,))
+
+
+def set_trace_events(
+    qmp: TraceMonitor,
+    groups: Iterable[str | EventGroup] = MEMORY_GROUPS,
+    enable: bool = True,
+) -> dict[str, str]:
+    """Switch the events of `groups` on (or off) and confirm it; {event: state}.
+
+    A plain string is a required group of its own. Names and globs this QEMU lacks
+    are skipped (11.1 has no `ram_block_discard_range`, 10.0 no
+    `ram_block_discard_shared_range`). Raises QemuError naming the QEMU when a
+    required group has none of its events, when QEMU refuses one, or when an event
+    stays in the other state (a build without a trace backend reports "unavailable").
     """
-    patterns = list(patterns)
+    chosen = [_as_group(item) for item in groups]
+    present = available_events(qmp, {p: None for g in chosen for p in g.patterns})
+    missing = [g for g in chosen if g.required and not any(present[p] for p in g.patterns)]
+    if missing:
+        qemu = qemu_name(qmp)
+        named = "; ".join(f"{g.what} ({', '.join(g.patterns)})" for g in missing)
+        raise QemuError(
+            f"{qemu} has no trace event for {named}",
+            missing[0].needs
+            or "check the names against this QEMU's `-trace help`, or use a QEMU that has them",
+        )
+    patterns = [p for p in present if present[p]]
     for pattern in patterns:
         try:
             qmp.execute("trace-event-set-state", {"name": pattern, "enable": enable})
         except QmpError as error:
             raise QemuError(
-                f"QEMU refused to switch trace event {pattern!r}: {error.problem}",
-                "check the name against `qemu-system-x86_64 -trace help`",
+                f"{qemu_name(qmp)} refused to switch trace event {pattern!r}: {error.problem}",
+                "check the name against this QEMU's `-trace help`",
             ) from None
     states: dict[str, str] = {}
     wanted = "enabled" if enable else "disabled"
     for pattern in patterns:
-        found = qmp.execute("trace-event-get-state", {"name": pattern})
-        if not found:
-            raise QemuError(
-                f"no trace event of this QEMU matches {pattern!r}",
-                "check the name against `qemu-system-x86_64 -trace help`",
-            )
-        for entry in found:
+        for entry in qmp.execute("trace-event-get-state", {"name": pattern}) or []:
             states[str(entry["name"])] = str(entry["state"])
     wrong = sorted(name for name, state in states.items() if state != wanted)
     if wrong:
         raise QemuError(
-            f"trace events not {wanted}: {', '.join(wrong[:5])} (state {states[wrong[0]]})",
+            f"trace events of {qemu_name(qmp)} not {wanted}: {', '.join(wrong[:5])} "
+            f"(state {states[wrong[0]]})",
             "this QEMU was built without a usable trace backend; use a build with 'log'",
         )
     return states
@@ -233,6 +369,91 @@ class TraceTotals:
         }
 
 
+Handled = TypeVar("Handled")
+
+
+class TraceFollower(Generic[Handled]):
+    """Hands every complete line appended to a file since `start()` to `handle`.
+
+        follower = TraceFollower(path, handle)     # handle(lines, read_at) -> anything
+        follower.start()                           # from the file's current end, thread on
+        follower.read()                            # what is written up to now, at once
+        follower.stop()                            # thread off, the rest read
+
+    `handle` runs under the follower's lock, so once `read()` returns, every line
+    written before it was handled (also those the thread was reading meanwhile). An
+    unfinished last line waits for its newline. The thread reads every `interval` s.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        handle: Callable[[list[str], float], Handled],
+        *,
+        interval: float = 0.05,
+        name: str = "",
+    ) -> None:
+        self.path = Path(path)
+        self.handle = handle
+        self.interval = interval
+        self.name = name or f"cvmlab-trace-{self.path.name}"
+        self._lock = threading.Lock()
+        self._offset = 0
+        self._partial = b""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def skip_to_end(self) -> None:
+        """Ignore what the file holds already: only lines written from now on count."""
+        with self._lock:
+            try:
+                self._offset = self.path.stat().st_size
+            except FileNotFoundError:
+                self._offset = 0
+            self._partial = b""
+
+    def follow(self) -> None:
+        """Read new lines in a thread from now on (until `stop()`)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def start(self, follow: bool = True) -> None:
+        self.skip_to_end()
+        if follow:
+            self.follow()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                self.read()
+
+    def read(self) -> Handled:
+        """Handle every complete line written since the last read; what `handle` returned."""
+        with self._lock:
+            read_at = now()
+            try:
+                with open(self.path, "rb") as stream:
+                    stream.seek(self._offset)
+                    chunk = stream.read()
+            except FileNotFoundError:
+                chunk = b""
+            self._offset += len(chunk)
+            lines = (self._partial + chunk).split(b"\n")
+            self._partial = lines.pop()  # an unfinished last line waits for its end
+            return self.handle([raw.decode("utf-8", "replace") for raw in lines], read_at)
+
+    def stop(self) -> None:
+        """Stop the thread and read what is left (a vanished file is not an error)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        with contextlib.suppress(OSError):
+            self.read()
+
+
 class TraceCollector:
     """Follows QEMU's trace output from now on: parses, totals, records the timeline.
 
@@ -260,43 +481,22 @@ class TraceCollector:
         self.interval = interval
         self.keep = keep
         self._lock = threading.Lock()
-        self._offset = 0
-        self._partial = b""
         self._lines: Counter[str] = Counter()
         self._discarded = 0
         self._discards = 0
         self._failed = 0
         self._records: list[TraceRecord] = []
         self._wall_offset = time.time() - now()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._follower = TraceFollower(self.path, self._handle, interval=interval)
 
     def start(self, follow: bool = True) -> TraceCollector:
         """Skip what the file holds already; with `follow`, read new lines in a thread."""
-        try:
-            self._offset = self.path.stat().st_size
-        except FileNotFoundError:
-            self._offset = 0
-        if follow and self._thread is None:
-            self._thread = threading.Thread(
-                target=self._follow, name=f"cvmlab-trace-{self.path.name}", daemon=True
-            )
-            self._thread.start()
+        self._follower.start(follow)
         return self
-
-    def _follow(self) -> None:
-        while not self._stop.wait(self.interval):
-            with contextlib.suppress(OSError):
-                self.collect()
 
     def stop(self) -> TraceTotals:
         """Stop following, read what is left, return the totals."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        with contextlib.suppress(OSError):
-            self.collect()
+        self._follower.stop()
         return self.totals(drain=False)
 
     def __enter__(self) -> TraceCollector:
@@ -307,25 +507,15 @@ class TraceCollector:
 
     def collect(self) -> list[TraceRecord]:
         """Read and parse every complete line written since the last read."""
+        return self._follower.read()
+
+    def _handle(self, lines: list[str], read_at: float) -> list[TraceRecord]:
+        records = []
+        for line in lines:
+            record = parse_line(line, read_at, self._wall_offset, self.names)
+            if record is not None:
+                records.append(record)
         with self._lock:
-            read_at = now()
-            try:
-                with open(self.path, "rb") as handle:
-                    handle.seek(self._offset)
-                    chunk = handle.read()
-            except FileNotFoundError:
-                return []
-            self._offset += len(chunk)
-            data = self._partial + chunk
-            lines = data.split(b"\n")
-            self._partial = lines.pop()  # an unfinished last line waits for its end
-            records = []
-            for raw in lines:
-                record = parse_line(
-                    raw.decode("utf-8", "replace"), read_at, self._wall_offset, self.names
-                )
-                if record is not None:
-                    records.append(record)
             self._account(records)
         self._record_timeline(records)
         return records
@@ -360,7 +550,7 @@ class TraceCollector:
                 "last": batch[-1].args,
                 "stamp": _stamp(batch[0]),
             }
-            if name == "ram_block_discard_range":
+            if is_discard(name):
                 data["bytes"] = sum(r.discarded for r in batch)
                 data["failed"] = sum(1 for r in batch if r.failed_discard)
             self.timeline.record("trace", name, t=batch[0].t, **data)
