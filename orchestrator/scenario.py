@@ -192,6 +192,16 @@ class MachineScenario(Scenario):
 
     def build_spec(self) -> MachineSpec:
         """The spec from parameters around the image; a bad spec is an ERROR naming the rule."""
+        spec = self.prepared_spec()
+        try:
+            validate(spec, self.probe.qemu)
+        except CvmlabError as error:
+            self.error(f"bad machine spec: {error}")
+        return spec
+
+    def prepared_spec(self) -> MachineSpec:
+        """The spec before QEMU's rules judge it: parsed, its tiers present (else CANCEL),
+        its confidential parts completed for this host."""
         params = self.machine_params()
         params.setdefault("accel", self.probe.best_accel())
         boot = KernelBoot(
@@ -208,10 +218,6 @@ class MachineScenario(Scenario):
             spec = prepare_confidential(spec, self.probe)
         except HostError as error:
             self.cancel(f"this host cannot run the guest: {error}")
-        except CvmlabError as error:
-            self.error(f"bad machine spec: {error}")
-        try:
-            validate(spec, self.probe.qemu)
         except CvmlabError as error:
             self.error(f"bad machine spec: {error}")
         return spec

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from orchestrator.errors import CvmlabError, HostError, LaunchError
+from orchestrator.errors import HostError, LaunchError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.meminfo import meminfo_field
@@ -46,9 +46,8 @@ from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.host_punch import HostPuncher, allocated_bytes, borrowed_fd
 from orchestrator.memory.virtio_mem import resize
 from orchestrator.qemu.argv import RAM_ID
-from orchestrator.qemu.confidential import prepare_confidential, required_tiers
 from orchestrator.qemu.rules import violations
-from orchestrator.qemu.spec import KernelBoot, MachineSpec, spec_from_params
+from orchestrator.qemu.spec import MachineSpec
 from orchestrator.qemu.trace import trace_output
 from orchestrator.qemu.version import feature
 from orchestrator.scenario import MachineScenario
@@ -239,22 +238,7 @@ class CocoVirtioMem(_CocoMemoryScenario):
     def build_spec(self) -> MachineSpec:
         """As the base class, except that the virtio-mem-confidential rule is the subject
         of this test, not a reason to stop: it becomes the prediction."""
-        params = self.machine_params()
-        params.setdefault("accel", self.probe.best_accel())
-        boot = KernelBoot(
-            kernel=str(self.image.kernel), initrd=str(self.image.initrd), cmdline=self.image.cmdline
-        )
-        try:
-            spec = spec_from_params(params, boot=boot)
-        except CvmlabError as error:
-            self.error(f"bad machine spec: {error}")
-        self.require_tiers(*required_tiers(spec))
-        try:
-            spec = prepare_confidential(spec, self.probe)
-        except HostError as error:
-            self.cancel(f"this host cannot run the guest: {error}")
-        except CvmlabError as error:
-            self.error(f"bad machine spec: {error}")
+        spec = self.prepared_spec()
         found = violations(spec, self.probe.qemu)
         self.predicted_refusal = any(v.rule.id == VIRTIO_MEM_RULE for v in found)
         others = [v for v in found if v.rule.id != VIRTIO_MEM_RULE]
