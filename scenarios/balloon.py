@@ -166,7 +166,7 @@ class Balloon(BalloonScenario):
         self.check(
             within(
                 "H2",
-                "QEMU's trace: ram_block_discard_range succeeded on exactly the ballooned pages"
+                "QEMU's trace: RAM discards (ram_block_discard_*) succeeded on exactly the ballooned pages"
                 if expect.frees
                 else "QEMU's trace: no discard (huge pages kept)",
                 expected=kib(discarded),
@@ -281,7 +281,7 @@ class BalloonFreePageReporting(BalloonScenario):
         self.check(
             holds(
                 "H2",
-                "QEMU's trace: the reports were discarded (ram_block_discard_range ret 0) and "
+                "QEMU's trace: the reports were discarded (ram_block_discard_* ret 0) and "
                 "cover what came back (per guest page; share=off frees two host pages each)",
                 reported.failed_discards == 0
                 and reported.discarded_bytes

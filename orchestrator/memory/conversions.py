@@ -464,7 +464,7 @@ def conversion_verdicts(
     verdicts.append(
         within(
             "H2",
-            "every conversion to private discarded the shared half (ram_block_discard_range "
+            "every conversion to private discarded the shared half (ram_block_discard_* "
             "bytes = shared_to_private bytes)",
             expected=kib(seen.to_private),
             seen=kib(seen.shared_discarded),
