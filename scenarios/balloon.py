@@ -166,7 +166,7 @@ class Balloon(BalloonScenario):
         self.check(
             within(
                 "H2",
-                "QEMU's trace: RAM discards (ram_block_discard_*) succeeded on exactly the ballooned pages"
+                "QEMU's trace: RAM discards succeeded on exactly the ballooned pages"
                 if expect.frees
                 else "QEMU's trace: no discard (huge pages kept)",
                 expected=kib(discarded),
