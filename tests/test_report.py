@@ -61,12 +61,12 @@ def test_a_real_job_gives_every_test_with_its_variant_status_and_reason(tiny_job
     assert set(by) == {
         (f"tiny:Tiny.test_{t}", v)
         for t in ("pass", "fail", "cancel", "error")
-        for v in ("machine-anon", "machine-memfd-shared")
+        for v in ("anon", "memfd-shared")
     }
-    assert by[("tiny:Tiny.test_fail", "machine-anon")].status == "FAIL"
-    assert "expected 65536, seen 0" in by[("tiny:Tiny.test_fail", "machine-anon")].reason
-    assert by[("tiny:Tiny.test_cancel", "machine-anon")].reason.startswith("tier tdx is not")
-    assert by[("tiny:Tiny.test_pass", "machine-anon")].reason == ""
+    assert by[("tiny:Tiny.test_fail", "anon")].status == "FAIL"
+    assert "expected 65536, seen 0" in by[("tiny:Tiny.test_fail", "anon")].reason
+    assert by[("tiny:Tiny.test_cancel", "anon")].reason.startswith("tier tdx is not")
+    assert by[("tiny:Tiny.test_pass", "anon")].reason == ""
 
 
 def test_a_real_job_is_filed_under_the_tier_both_test_and_host_have(tiny_job: Path) -> None:
@@ -98,9 +98,17 @@ def test_test_dirs_are_found_after_the_job_dir_moved(tiny_job: Path, tmp_path: P
 def test_variant_and_row_come_from_the_avocado_name() -> None:
     assert split_name("scenarios/boot.py:Boot.test_x;run-machine-memfd-shared-8d2a") == (
         "boot:Boot.test_x",
-        "machine-memfd-shared",
+        "memfd-shared",
     )
     assert split_name("scenarios/gmem_uapi.py:GmemUapi.test_y") == ("gmem_uapi:GmemUapi.test_y", "")
+
+
+def test_one_backend_is_one_column_whatever_the_variants_file_calls_its_nodes() -> None:
+    boot = split_name("scenarios/boot.py:Boot.test_x;run-machine-anon-6f5e")
+    punch = split_name("scenarios/host_punch.py:HostPunch.test_y;run-backend-anon-machine-2cf1")
+    vmem = split_name("scenarios/virtio_mem.py:VirtioMem.test_z;run-vmem-anon-machine-efc7")
+    assert boot[1] == punch[1] == "anon"
+    assert vmem[1] == "vmem-anon"
 
 
 @pytest.mark.parametrize(
@@ -200,7 +208,7 @@ def test_a_cell_of_several_results_shows_the_worst(tiny_job: Path, tmp_path: Pat
         test["status"] = "PASS"
     (second_dir / "results.json").write_text(json.dumps(data))
     matrix = build_matrix(first + load_job(second_dir).results)
-    cell = matrix.cells[("tiny:Tiny.test_fail", Column("tcg", "machine-anon"))]
+    cell = matrix.cells[("tiny:Tiny.test_fail", Column("tcg", "anon"))]
     assert len(cell.results) == 2 and cell.status == "FAIL"
 
 
@@ -222,7 +230,7 @@ def test_report_page_has_the_matrix_with_linked_cells(tiny_job: Path, tmp_path: 
 def test_test_page_plots_counters_and_marks_events(tiny_job: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_cli(str(tiny_job), "-o", str(out))
-    page = next((out / "tests").glob("*test_pass-machine-anon.html")).read_text()
+    page = next((out / "tests").glob("*test_pass-anon.html")).read_text()
     svg = page[page.index("<svg") : page.index("</svg>")]
     polylines = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
     assert len(polylines) == 2 and all(len(p.split()) == 20 for p in polylines)
@@ -242,7 +250,7 @@ def test_test_page_has_verdicts_and_evidence_links_that_resolve(
 ) -> None:
     out = tmp_path / "out"
     run_cli(str(tiny_job), "-o", str(out))
-    page_path = next((out / "tests").glob("*test_fail-machine-anon.html"))
+    page_path = next((out / "tests").glob("*test_fail-anon.html"))
     page = page_path.read_text()
     assert re.search(r"<td>H2</td><td class=\"s-FAIL\">fail</td>", page)
     hrefs = re.findall(r'<li><a href="([^"]+)">', page)
@@ -271,7 +279,7 @@ def test_markdown_has_the_matrix_totals_and_reasons(tiny_job: Path, tmp_path: Pa
     markdown = tmp_path / "summary.md"
     run_cli(str(tiny_job), "-o", str(tmp_path / "out"), "--markdown", str(markdown))
     text = markdown.read_text()
-    assert "| scenario:test | tcg: machine-anon | tcg: machine-memfd-shared |" in text
+    assert "| scenario:test | tcg: anon | tcg: memfd-shared |" in text
     assert "| `tiny:Tiny.test_fail` | ❌ FAIL | ❌ FAIL |" in text
     assert "| all | 2 | 2 | 2 | 2 | 8 |" in text
     assert "2 x [tcg] tier tdx is not available on this host: kvm_intel is not loaded" in text
@@ -432,7 +440,7 @@ def test_fail_on_regression_exits_1_and_plain_compare_exits_0(
     new = _second_run(tiny_job, tmp_path, {"test_pass": "ERROR"})
     assert run_cli("--compare", str(tiny_job), str(new)) == 0
     assert run_cli("--compare", str(tiny_job), str(new), "--fail-on-regression") == 1
-    assert "REGRESSION: tiny:Tiny.test_pass [machine-anon @ tcg]: PASS -> ERROR" in (
+    assert "REGRESSION: tiny:Tiny.test_pass [anon @ tcg]: PASS -> ERROR" in (
         capsys.readouterr().out
     )
 

@@ -130,7 +130,7 @@ def test_matrix_is_in_the_rendered_dom(report: Path, tmp_path: Path) -> None:
 
 
 def test_test_page_plot_is_in_the_rendered_dom(report: Path, tmp_path: Path) -> None:
-    page = next((report.parent / "tests").glob("*test_pass-machine-anon.html"))
+    page = next((report.parent / "tests").glob("*test_pass-anon.html"))
     census = Census()
     census.feed(chromium(tmp_path / "profile", "--dump-dom", page.as_uri()))
     assert census.svgs == 1
@@ -142,7 +142,7 @@ def test_test_page_plot_is_in_the_rendered_dom(report: Path, tmp_path: Path) -> 
 def test_screenshots_are_full_size_and_not_blank(report: Path, tmp_path: Path) -> None:
     blank = tmp_path / "blank.html"
     blank.write_text("<!DOCTYPE html><html><body></body></html>")
-    page = next((report.parent / "tests").glob("*test_fail-machine-anon.html"))
+    page = next((report.parent / "tests").glob("*test_fail-anon.html"))
     profile = tmp_path / "profile"
     # The control: a blank page must count as blank, or the check below proves nothing.
     assert screenshot(profile, blank, tmp_path / "blank.png")[2] < BLANK_BELOW

@@ -353,12 +353,16 @@ def tier_sort_key(tier: str) -> tuple[int, str]:
     return (order.index(tier) if tier in order else len(order), tier)
 
 
+# Names of variants-file nodes that group, rather than name, a variant.
+_STRUCTURAL_NODES = frozenset({"run", "machine", "backend", "variants"})
+
+
 def split_name(name: str) -> tuple[str, str]:
     """(row, variant) of an avocado test name.
 
     "scenarios/boot.py:Boot.test_x;run-machine-anon-6f5e" gives
-    ("boot:Boot.test_x", "machine-anon"): the file's stem, and the variant
-    without avocado's "run-" root and its 4-digit hash.
+    ("boot:Boot.test_x", "anon"): the file's stem, and the variant without
+    avocado's 4-digit hash and the variants file's grouping nodes.
     """
     reference, _, variant_id = name.partition(";")
     file, sep, rest = reference.partition(":")
@@ -369,8 +373,11 @@ def split_name(name: str) -> tuple[str, str]:
     else:
         row = reference
     variant = _VARIANT_HASH_RE.sub("", variant_id)
-    variant = variant[4:] if variant.startswith("run-") else variant
-    return row, variant
+    # Variant ids are the mux path: "run-machine-anon" (boot) and "run-backend-anon-machine"
+    # (host_punch) are the same backend. Dropping the structural node names makes one
+    # backend one column across scenarios; a variant of only those names is "default".
+    words = [w for w in variant.split("-") if w not in _STRUCTURAL_NODES]
+    return row, "-".join(words) or ("default" if variant else "")
 
 
 def _test_dir(job: Path, logdir: Any, index: int, name: str) -> Path | None:
