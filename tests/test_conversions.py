@@ -14,15 +14,13 @@ import itertools
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qemu_process import RunningQemu, started_qemu
 
 from orchestrator.errors import QemuError
 from orchestrator.memory.conversions import (
@@ -42,9 +40,8 @@ from orchestrator.memory.conversions import (
 from orchestrator.memory.host_punch import HostPuncher, borrowed_fd
 from orchestrator.qemu.private_build import ArchiveUnreachable, private_qemu
 from orchestrator.qemu.qmp import QmpSession
-from orchestrator.qemu.spawn import spawn
 from orchestrator.qemu.trace import DISCARD_EVENTS, DISCARD_GROUP, EventGroup, set_trace_events
-from orchestrator.timeline import Timeline, now
+from orchestrator.timeline import Timeline
 
 QEMU = shutil.which("qemu-system-x86_64")
 TRACE_EVENTS_10 = Path("/usr/share/qemu/trace-events-all")
@@ -296,48 +293,6 @@ def test_a_conversion_to_private_that_kept_its_shared_half_fails_h2() -> None:
 # --- real QEMUs: the events exist and switch on over QMP ----------------------------------
 
 
-@dataclass
-class RunningQemu:
-    proc: subprocess.Popen[bytes]
-    qmp: QmpSession
-    rundir: Path
-
-
-def start(command: list[str], *args: str) -> RunningQemu:
-    rundir = Path(tempfile.mkdtemp(prefix="cvmlab-conv-"))
-    rundir.chmod(0o700)
-    sock = rundir / "qmp.sock"
-    argv = [
-        *command, "-nodefaults", "-display", "none", "-no-user-config",
-        "-chardev", f"socket,id=qmp,path={sock},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control", "-D", str(rundir / "trace.log"), *args,
-    ]  # fmt: skip
-    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    qmp = QmpSession()
-    try:
-        qmp.connect(sock, deadline=now() + 30, alive=lambda: proc.poll() is None)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(rundir)
-        raise
-    return RunningQemu(proc, qmp, rundir)
-
-
-def stop(qemu: RunningQemu) -> None:
-    try:
-        if qemu.qmp.connected:
-            qemu.qmp.execute("quit")
-    finally:
-        qemu.qmp.close()
-        try:
-            qemu.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            qemu.proc.kill()
-            qemu.proc.wait()
-        shutil.rmtree(qemu.rundir)
-
-
 def qemu_commands() -> list[tuple[str, list[str]]]:
     commands = []
     if QEMU is not None:
@@ -349,9 +304,8 @@ def qemu_commands() -> list[tuple[str, list[str]]]:
 
 @pytest.fixture(params=qemu_commands(), ids=lambda c: c[0])
 def bare_qemu(request: pytest.FixtureRequest) -> Iterator[RunningQemu]:
-    qemu = start(request.param[1], "-machine", "none")
-    yield qemu
-    stop(qemu)
+    with started_qemu(request.param[1], "-machine", "none") as qemu:
+        yield qemu
 
 
 def test_this_qemu_has_every_conversion_event(bare_qemu: RunningQemu) -> None:
@@ -437,11 +391,10 @@ def test_shared_half_holes_name_exactly_the_pages_that_hold_data() -> None:
     """A stopped q35 guest (-S) on a memfd: every page is a hole until we write two pages
     through QEMU's own fd; the check must name exactly those and no other."""
     assert QEMU is not None
-    qemu = start(
-        [QEMU], "-machine", "q35,memory-backend=ram0", "-accel", "tcg", "-S", "-m", "256M",
+    with started_qemu(
+        QEMU, "-machine", "q35,memory-backend=ram0", "-accel", "tcg", "-S", "-m", "256M",
         "-object", "memory-backend-memfd,id=ram0,size=256M,share=on",
-    )  # fmt: skip
-    try:
+    ) as qemu:  # fmt: skip
         puncher = HostPuncher(qemu.qmp, qemu.proc.pid)
         ((_gpa, _length, offset, backing),) = puncher.plan(0x4000000, 0x10000)
         with borrowed_fd(backing.qemu_pid, backing.qemu_fd) as fd:
@@ -453,8 +406,6 @@ def test_shared_half_holes_name_exactly_the_pages_that_hold_data() -> None:
         assert report.outside_ram == 0x1000  # the IOAPIC page is not RAM
         assert not report.clean
         assert shared_half_holes(puncher, [(0x4000000, 0x3000)]).clean
-    finally:
-        stop(qemu)
 
 
 def test_gmem_fds_of_a_process_without_guest_memfd_is_empty() -> None:

@@ -14,13 +14,13 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from qemu_process import RunningQemu, started_qemu
 
 from orchestrator.errors import MemoryOpError
 from orchestrator.kvm.libc import fallocate
@@ -38,9 +38,7 @@ from orchestrator.memory.layout import (
     parse_flatview,
     q35_ram_split,
 )
-from orchestrator.qemu.qmp import QmpSession
-from orchestrator.qemu.spawn import spawn
-from orchestrator.timeline import Timeline, now
+from orchestrator.timeline import Timeline
 from orchestrator.units import GiB, MiB
 
 QEMU = os.environ.get("CVMLAB_QEMU", "qemu-system-x86_64")
@@ -52,15 +50,8 @@ pytestmark = [
 ]
 
 
-@dataclass
-class Qemu:
-    proc: subprocess.Popen[bytes]
-    qmp: QmpSession
-    rundir: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+class Qemu(RunningQemu):
+    """A q35 machine, stopped before its first instruction (-S), with guest RAM ram0."""
 
     def read_gpa(self, gpa: int, length: int) -> bytes:
         """Guest RAM as QEMU sees it, through its own address translation."""
@@ -71,48 +62,17 @@ class Qemu:
         return data
 
 
-def start_qemu(*args: str) -> Qemu:
-    rundir = Path(tempfile.mkdtemp(prefix="cvmlab-punch-"))
-    rundir.chmod(0o700)
-    sock = rundir / "qmp.sock"
-    argv = [
-        QEMU, "-machine", "q35,memory-backend=ram0", "-accel", "tcg", "-S", "-nodefaults",
-        "-display", "none", "-chardev", f"socket,id=qmp,path={sock},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control", *args,
-    ]  # fmt: skip
-    stderr = open(rundir / "qemu.stderr", "wb")  # noqa: SIM115 - closed below
-    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=stderr)
-    stderr.close()
-    qmp = QmpSession()
-    try:
-        qmp.connect(sock, deadline=now() + 30, alive=lambda: proc.poll() is None)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(rundir)
-        raise
-    return Qemu(proc, qmp, rundir)
-
-
-def stop_qemu(qemu: Qemu) -> None:
-    try:
-        if qemu.qmp.connected:
-            qemu.qmp.execute("quit")
-    finally:
-        qemu.qmp.close()
-        try:
-            qemu.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            qemu.proc.kill()
-            qemu.proc.wait()
-        shutil.rmtree(qemu.rundir)
+@contextmanager
+def q35(*args: str) -> Iterator[Qemu]:
+    machine = ("-machine", "q35,memory-backend=ram0", "-accel", "tcg", "-S", *args)
+    with started_qemu(QEMU, *machine) as qemu:
+        yield Qemu(qemu.proc, qemu.qmp, qemu.rundir)
 
 
 @pytest.fixture
 def machine(request: pytest.FixtureRequest) -> Iterator[Qemu]:
-    qemu = start_qemu(*request.param)
-    yield qemu
-    stop_qemu(qemu)
+    with q35(*request.param) as qemu:
+        yield qemu
 
 
 def memfd_machine(size: str) -> list[str]:
@@ -192,18 +152,15 @@ def shm_dir() -> Iterator[Path]:
 
 
 def test_a_file_backend_punch_zeroes_exactly_the_range(shm_dir: Path) -> None:
-    qemu = start_qemu(
+    with q35(
         "-m", "256M", "-object",
         f"memory-backend-file,id=ram0,size=256M,mem-path={shm_dir},share=on",
-    )  # fmt: skip
-    try:
+    ) as qemu:  # fmt: skip
         puncher = HostPuncher(qemu.qmp, qemu.pid)
         (record,), data = fill_and_punch(qemu, puncher, 0x4000000, pages=4, hole=(1, 1))
         assert_hole_exactly(data, 1, 1)
         assert record.freed == PAGE and record.hole_after
         assert record.target.startswith(str(shm_dir))
-    finally:
-        stop_qemu(qemu)
 
 
 @pytest.mark.parametrize(
@@ -266,15 +223,12 @@ def test_a_bad_range_is_refused_before_anything_is_punched(
 
 
 def test_pages_of_one_call_are_all_checked_before_the_first_punch() -> None:
-    qemu = start_qemu(*memfd_machine("1G"))
-    try:
+    with q35(*memfd_machine("1G")) as qemu:
         puncher = HostPuncher(qemu.qmp, qemu.pid)
         write_backing(qemu, puncher, "ram0", 0x1000000, b"\xa5" * PAGE)
         with pytest.raises(MemoryOpError, match="outside"):
             puncher.punch_pages([0x1000000, 2 * GiB])
         assert qemu.read_gpa(0x1000000, PAGE) == b"\xa5" * PAGE
-    finally:
-        stop_qemu(qemu)
 
 
 @pytest.mark.parametrize(
@@ -297,12 +251,11 @@ def private_machine(tmp_path: Path) -> Iterator[Qemu]:
     """share=off memfd; QEMU's loader writes 0x5A at 16 MiB, i.e. through its private mapping."""
     blob = tmp_path / "blob.bin"
     blob.write_bytes(b"\x5a" * 4 * PAGE)
-    qemu = start_qemu(
+    with q35(
         "-m", "256M", "-object", "memory-backend-memfd,id=ram0,size=256M,share=off",
         "-device", f"loader,file={blob},addr=0x1000000,force-raw=on",
-    )  # fmt: skip
-    yield qemu
-    stop_qemu(qemu)
+    ) as qemu:  # fmt: skip
+        yield qemu
 
 
 def test_a_private_backend_is_refused_by_default(private_machine: Qemu) -> None:

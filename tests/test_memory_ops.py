@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu_process import started_qemu
 
 from orchestrator.errors import MemoryOpError
 from orchestrator.host.settle import Settled
@@ -47,7 +46,6 @@ from orchestrator.memory.progress import follow
 from orchestrator.memory.virtio_mem import check_requested_size, resize, virtio_mem_device
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.qmp import QmpEvent, QmpSession
-from orchestrator.qemu.spawn import spawn
 from orchestrator.qemu.spec import KernelBoot, MemfdBackend, spec_from_params
 from orchestrator.qemu.trace import TraceCollector, TraceTotals, parse_line
 from orchestrator.timeline import Timeline, now
@@ -472,22 +470,8 @@ def test_tolerance_of_drop_verdicts_is_the_tp_qemu_ten_percent() -> None:
 def idle_qmp() -> Iterator[QmpSession]:
     if shutil.which(QEMU) is None:
         pytest.skip(f"{QEMU} is not installed")
-    rundir = Path(tempfile.mkdtemp(prefix="cvmlab-follow-"))
-    sock = rundir / "qmp.sock"
-    proc = spawn(
-        [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-chardev",
-         f"socket,id=q,path={sock},server=on,wait=off", "-mon", "chardev=q,mode=control"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    qmp = QmpSession()
-    try:
-        qmp.connect(sock, deadline=now() + 20, alive=lambda: proc.poll() is None)
-        yield qmp
-    finally:
-        qmp.close()
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(rundir, ignore_errors=True)
+    with started_qemu(QEMU, "-machine", "none", "-S") as qemu:
+        yield qemu.qmp
 
 
 def _actual(event: QmpEvent) -> int | None:

@@ -10,12 +10,12 @@ import ctypes
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu_process import started_qemu
 
 import orchestrator.memory.secret_scan as secret_scan
 from orchestrator.memory.host_punch import HostPuncher, borrowed_fd
@@ -27,9 +27,6 @@ from orchestrator.memory.secret_scan import (
     private_dump_dir,
     search_dump,
 )
-from orchestrator.qemu.qmp import QmpSession
-from orchestrator.qemu.spawn import spawn
-from orchestrator.timeline import now
 
 QEMU = shutil.which("qemu-system-x86_64")
 MiB = 1 << 20
@@ -94,21 +91,12 @@ def test_dump_guest_memory_of_a_real_qemu_holds_what_guest_ram_holds() -> None:
     """A stopped 128 MiB q35 machine: the secret written into its memfd at GPA 48 MiB is
     in QEMU's dump; another secret is not. The dump is gone afterwards."""
     assert QEMU is not None
-    rundir = Path(tempfile.mkdtemp(prefix="cvmlab-dumptest-"))
-    rundir.chmod(0o700)
-    sock = rundir / "qmp.sock"
-    argv = [
-        QEMU, "-machine", "q35,memory-backend=ram0", "-accel", "tcg", "-S", "-nodefaults",
-        "-display", "none", "-m", "128M",
+    with started_qemu(
+        QEMU, "-machine", "q35,memory-backend=ram0", "-accel", "tcg", "-S", "-m", "128M",
         "-object", "memory-backend-memfd,id=ram0,size=128M,share=on",
-        "-chardev", f"socket,id=qmp,path={sock},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
-    ]  # fmt: skip
-    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    qmp = QmpSession()
-    try:
-        qmp.connect(sock, deadline=now() + 30, alive=lambda: proc.poll() is None)
-        puncher = HostPuncher(qmp, proc.pid)
+    ) as qemu:  # fmt: skip
+        qmp = qemu.qmp
+        puncher = HostPuncher(qmp, qemu.pid)
         ((_gpa, _length, offset, backing),) = puncher.plan(48 * MiB, 4096)
         needle = new_secret().encode()
         with borrowed_fd(backing.qemu_pid, backing.qemu_fd) as fd:
@@ -120,13 +108,3 @@ def test_dump_guest_memory_of_a_real_qemu_holds_what_guest_ram_holds() -> None:
         assert found.dump.size > 128 * MiB
         assert search_dump(qmp, new_secret().encode()).found == 0
         assert set(Path(tempfile.gettempdir()).glob("cvmlab-dump-*")) == before
-    finally:
-        if qmp.connected:
-            qmp.execute("quit")
-        qmp.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(rundir)
