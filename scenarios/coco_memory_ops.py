@@ -42,6 +42,7 @@ from orchestrator.host.settle import settle
 from orchestrator.invariants.verdict import Tolerance, holds, within
 from orchestrator.memory.balloon import guest_ram_size, set_balloon
 from orchestrator.memory.conversions import ConversionObserver, kib
+from orchestrator.memory.expectations import discard_verdict
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.host_punch import HostPuncher, allocated_bytes, borrowed_fd
 from orchestrator.memory.virtio_mem import resize
@@ -168,15 +169,12 @@ class CocoBalloon(_CocoMemoryScenario):
             )
         )
         self.check(
-            within(
-                "H2",
+            discard_verdict(
                 "QEMU discarded the shared half of exactly the ballooned pages "
                 "(ram_block_discard_* bytes)",
-                expected=kib(INFLATE),
-                seen=kib(window.shared_discarded),
-                tolerance=Tolerance(),
-                unit="KiB",
-                failed_discards=window.failed_discards,
+                INFLATE,
+                window.shared_discarded,
+                window.failed_discards,
                 qemu=window.to_json(),
             )
         )

@@ -577,3 +577,12 @@ def test_balloon_and_virtio_mem_refuse_bad_sizes_then_move_on_both_sides(
 def _guest_commands(evidence: Path) -> list[str]:
     records = [json.loads(line) for line in (evidence / "timeline.jsonl").read_text().splitlines()]
     return [r["cmd"] for r in records if (r["source"], r["kind"]) == ("ssh", "command")]
+
+
+def test_discard_verdict_passes_only_on_exactly_the_expected_bytes() -> None:
+    from orchestrator.memory.expectations import discard_verdict
+
+    exact = discard_verdict("x", 128 * MiB, 128 * MiB, 0)
+    assert exact.status == "pass" and exact.expected == exact.seen == 128 * 1024
+    short = discard_verdict("x", 128 * MiB, 128 * MiB - 4096, 0)
+    assert short.failed and short.seen == 128 * 1024 - 4
