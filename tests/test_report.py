@@ -17,13 +17,13 @@ from urllib.parse import unquote
 import pytest
 from report_jobs import run_killed_job, run_tiny_job
 
+from orchestrator.bench.report import REPORT_TARGET_S, time_report, write_synthetic_job
 from orchestrator.errors import CvmlabError
 from orchestrator.report import cli
 from orchestrator.report.compare import Outcome, compare, compare_paths
 from orchestrator.report.jobs import host_tier, load_job, split_name
 from orchestrator.report.matrix import Column, build_matrix
 from orchestrator.report.plot import nice_step, read_timeline, render_plot
-from orchestrator.report.synthetic import REPORT_TARGET_S, time_report, write_synthetic_job
 
 
 @pytest.fixture(scope="session")

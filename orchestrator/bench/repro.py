@@ -1,6 +1,6 @@
 """`cvmlab bench repro`: a reproducer reaches an SSH-ready guest within 1.2x of a normal boot.
 
-Two cycles, alternated by `orchestrator.bench.compare`, each timed to an open SSH
+Two cycles, alternated by `orchestrator.bench.core.compare`, each timed to an open SSH
 session (the guest is then shut down cleanly, untimed):
 
 - boot: a normal orchestrated start: `Machine.start`, the ready line, SSH;
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.bench import Comparison, compare
+from orchestrator.bench.core import Comparison, compare
 from orchestrator.image import ImageManifest, default_image
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.spec import KernelBoot, MachineSpec

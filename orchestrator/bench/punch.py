@@ -1,4 +1,7 @@
-"""`cvmlab bench punch`: from the QMP command to the host backing settled, per backend.
+"""`cvmlab bench punch`: a balloon inflate, from QMP `balloon` to the host backing settled.
+
+The name is historical: it times the guest giving memory back through the balloon and
+QEMU discarding it (a punch of the backing), not cvmlab's host-side hole punch injection.
 
 For each backend (anon, memfd, file) one guest is booted and reused for every run.
 A run: the guest fills and frees its memory (so the pages the balloon will take are
