@@ -15,7 +15,6 @@ set -eu
 
 QEMU_MIN_MAJOR=10
 BACKPORTS_LIST=/etc/apt/sources.list.d/cvmlab-bookworm-backports.list
-BACKPORTS_LINE="deb http://deb.debian.org/debian bookworm-backports main"
 BASE_PACKAGES="busybox-static dropbear-bin openssh-sftp-server cpio gzip xz-utils zstd kmod gcc libc6-dev make python3-venv chromium"
 QEMU_PACKAGES="qemu-system-x86 qemu-utils"
 
@@ -60,8 +59,10 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 if [ -n "$need_qemu" ] && ! grep -rqs '^deb .*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    say "adding bookworm-backports to $BACKPORTS_LIST (for QEMU 10.0)"
-    echo "$BACKPORTS_LINE" > "$BACKPORTS_LIST"
+    # The mirror apt already uses (or $CVMLAB_DEBIAN_MIRROR): no archive address lives here.
+    mirror=$(PYTHONPATH="$(dirname "$0")/.." python3 -m orchestrator.archive_mirror) || exit 1
+    say "adding bookworm-backports from $mirror to $BACKPORTS_LIST (for QEMU 10.0)"
+    echo "deb $mirror bookworm-backports main" > "$BACKPORTS_LIST"
 fi
 say "apt-get update"
 apt-get update -qq

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.archive_mirror import MIRROR_ENV
 from orchestrator.errors import ImageError
 from orchestrator.image import (
     BuildContext,
@@ -31,6 +32,7 @@ from orchestrator.image import (
 )
 from orchestrator.image.builder import (
     UNUSED_PRUNE_S,
+    apt_for_suite,
     cache_root,
     prune_unused_images,
     run_command_step,
@@ -209,21 +211,31 @@ def test_an_unknown_kernel_version_lists_the_versions_the_suite_has(image: Image
     assert image.kernel_release in info.value.fix
 
 
-def test_an_unreachable_archive_is_an_image_error_naming_it(tmp_path: Path) -> None:
-    recipe_dir = tmp_path / "recipe"
-    shutil.copytree(images_root() / "minimal", recipe_dir)
-    text = (recipe_dir / "recipe.yaml").read_text()
+def test_an_unreachable_archive_is_an_image_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Port 9 (discard) on loopback: nothing listens, so the connection is refused at once.
     mirror = "http://127.0.0.1:9/debian"
+    monkeypatch.setenv(MIRROR_ENV, mirror)
+    with pytest.raises(ImageError) as info:
+        build_image(progress=lambda _message: None)
+    assert f"cannot fetch the package index of bookworm-backports from {mirror}" in str(info.value)
+    assert mirror in info.value.fix
+    # A mirror that never answered leaves no apt state behind.
+    assert not (cache_root() / "apt" / apt_for_suite("bookworm-backports").root.name).exists()
+
+
+def test_a_recipe_mirror_overrides_the_hosts(tmp_path: Path) -> None:
+    recipe_dir = tmp_path / "recipe"
+    shutil.copytree(images_root() / "minimal", recipe_dir)
+    mirror = "http://127.0.0.1:9/debian"
+    text = (recipe_dir / "recipe.yaml").read_text()
     (recipe_dir / "recipe.yaml").write_text(
-        text.replace("mirror: http://deb.debian.org/debian", f"mirror: {mirror}")
+        text.replace("kernel:\n", f"kernel:\n  mirror: {mirror}\n", 1)
     )
     with pytest.raises(ImageError) as info:
         build_image(str(recipe_dir), progress=lambda _message: None)
-    assert f"cannot fetch the package index of bookworm-backports from {mirror}" in str(info.value)
-    assert not [
-        p for p in (cache_root() / "apt").iterdir() if p.name.startswith("bookworm-backports-")
-    ]
+    assert f"from {mirror}" in str(info.value)
 
 
 def test_a_missing_host_package_is_named_with_the_setup_script() -> None:

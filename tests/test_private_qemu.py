@@ -28,9 +28,9 @@ from orchestrator.qemu.version import QemuVersion
 PRINT_URIS = "\n".join(
     [
         "Reading package lists...",
-        "'http://deb.debian.org/debian/pool/main/q/qemu/qemu-system-x86_11.1.3%2bds-1%7ebpo13"
+        "'http://mirror.example/debian/pool/main/q/qemu/qemu-system-x86_11.1.3%2bds-1%7ebpo13"
         "%2b1_amd64.deb' qemu-system-x86_1%3a11.1.3+ds-1~bpo13+1_amd64.deb 10377056 ",
-        "'http://deb.debian.org/debian/pool/main/i/ipxe/ipxe-qemu_1.21.1%2bgit20250501.dad20602"
+        "'http://mirror.example/debian/pool/main/i/ipxe/ipxe-qemu_1.21.1%2bgit20250501.dad20602"
         "%2bdfsg-1_all.deb' ipxe-qemu_1.21.1+git20250501.dad20602+dfsg-1_all.deb 1225404 "
         "MD5Sum:805bab75a8b85a51c4057295805",
     ]

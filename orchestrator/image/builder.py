@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.archive_mirror import archive_mirror
 from orchestrator.errors import ImageError
 from orchestrator.image.cpio import CpioArchive
 from orchestrator.image.debian import (
@@ -214,11 +215,14 @@ def _step_packages(recipe: Recipe, kernel: KernelSource) -> list[ArchivePackage]
 
 
 def _apt_for(recipe: Recipe, suite: str) -> PrivateApt:
-    default_mirror = recipe.mirror == "http://deb.debian.org/debian"
-    mirror_tag = (
-        "" if default_mirror else "-" + hashlib.sha256(recipe.mirror.encode()).hexdigest()[:8]
-    )
-    return PrivateApt(cache_root() / "apt" / f"{suite}{mirror_tag}", suite, recipe.mirror)
+    return apt_for_suite(suite, recipe.mirror)
+
+
+def apt_for_suite(suite: str, mirror: str | None = None) -> PrivateApt:
+    """The private apt state of `suite` from `mirror` (default: the host's), one per mirror."""
+    chosen = archive_mirror(mirror)
+    tag = hashlib.sha256(chosen.encode()).hexdigest()[:8]
+    return PrivateApt(cache_root() / "apt" / f"{suite}-{tag}", suite, chosen)
 
 
 def _local_kernel(recipe: Recipe, vmlinuz: Path, modules_dir: Path) -> KernelSource:
@@ -288,7 +292,7 @@ def plan_image(
         for part in choice.parts:
             packages[part.name] = part.version
             inputs[f"deb/{part.deb_name}"] = part.sha256
-        key["kernel"] = {"source": "archive", "suite": suite, "mirror": recipe.mirror}
+        key["kernel"] = {"source": "archive", "suite": suite}
     step_packages = _step_packages(recipe, kernel)
     for package in step_packages:
         packages[package.name] = package.version

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.archive_mirror import archive_mirror
 from orchestrator.errors import ImageError
 
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # Refresh the private apt lists when they are older than this (or on --refresh).
 LISTS_MAX_AGE_S = 24 * 3600
@@ -193,12 +193,13 @@ class PrivateApt:
     builders share one set of lists and one download of each .deb.
     """
 
-    def __init__(self, root: Path, suite: str, mirror: str = DEFAULT_MIRROR) -> None:
+    def __init__(self, root: Path, suite: str, mirror: str | None = None) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", suite):
             raise ImageError(f"{suite!r} is not a Debian suite name", "e.g. bookworm-backports")
         self.root = root
         self.suite = suite
-        self.mirror = mirror
+        # None: the mirror the host's apt uses ($CVMLAB_DEBIAN_MIRROR overrides).
+        self.mirror = archive_mirror(mirror)
         self._lists = root / "lists"
         self._stamp = root / "lists.updated"
 
@@ -289,8 +290,8 @@ class PrivateApt:
                 return
             raise ImageError(
                 f"cannot fetch the package index of {self.suite} from {self.mirror}: {reason}",
-                "check the network access to the Debian archive (deb.debian.org) and that "
-                "the suite exists, then try again",
+                f"check the network access to {self.mirror} and that the suite exists, "
+                f"then try again (another mirror: set CVMLAB_DEBIAN_MIRROR)",
             )
 
     def show(self, package: str) -> ArchivePackage | None:
@@ -347,7 +348,7 @@ class PrivateApt:
                 if result.returncode != 0 or not fetched.exists():
                     raise ImageError(
                         f"cannot download {package.name} {package.version}: {_apt_error(result)}",
-                        "check the network access to the Debian archive, or run the build "
+                        f"check the network access to {self.mirror}, or run the build "
                         "again with --refresh if the package was superseded",
                     )
                 if sha256_file(fetched) != package.sha256:

@@ -64,7 +64,7 @@ class Recipe:
     directory: Path
     kernel_suite: str
     kernel_flavour: str
-    mirror: str
+    mirror: str | None  # None: the host's apt mirror (orchestrator.archive_mirror)
     cmdline: str
     ready_marker: str
     ssh_user: str
@@ -159,7 +159,7 @@ def load_recipe(recipe: str) -> Recipe:
             directory=directory.resolve(),
             kernel_suite=str(kernel["suite"]),
             kernel_flavour=str(kernel["flavour"]),
-            mirror=str(kernel.get("mirror", "http://deb.debian.org/debian")),
+            mirror=str(kernel["mirror"]) if kernel.get("mirror") else None,
             cmdline=str(data["cmdline"]),
             ready_marker=str(data["ready_marker"]),
             ssh_user=str(data.get("ssh_user", "root")),

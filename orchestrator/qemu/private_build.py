@@ -51,11 +51,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.archive_mirror import archive_mirror
 from orchestrator.errors import QemuError
 
 DEFAULT_SUITE = "trixie-backports"
 DEFAULT_PACKAGE = "qemu-system-x86"
-MIRROR = "http://deb.debian.org/debian"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # Re-resolve (and refresh the index) at most once a day unless asked.
 RESOLVE_MAX_AGE_S = 24 * 3600
@@ -171,7 +171,7 @@ def _load_prefix(directory: Path) -> PrivateQemu | None:
 class _PrivateApt:
     """apt-get confined to `root`, with the base suite and `suite` as sources."""
 
-    def __init__(self, root: Path, suite: str, mirror: str = MIRROR) -> None:
+    def __init__(self, root: Path, suite: str, mirror: str) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", suite):
             raise QemuError(f"{suite!r} is not a Debian suite name", "e.g. trixie-backports")
         self.root = root
@@ -242,7 +242,8 @@ class _PrivateApt:
         except subprocess.TimeoutExpired as exc:
             raise ArchiveUnreachable(
                 f"{what} did not finish within {_APT_TIMEOUT_S:.0f} s",
-                "check the network access to deb.debian.org and try again",
+                "check the network access to the Debian mirror and try again (another mirror: "
+                "set CVMLAB_DEBIAN_MIRROR)",
             ) from exc
 
     def lists_age(self) -> float | None:
@@ -275,7 +276,8 @@ def _apt_failure(result: subprocess.CompletedProcess[str], what: str) -> QemuErr
     if _UNREACHABLE.search(output):
         return ArchiveUnreachable(
             f"{what}: the archive is unreachable ({reason})",
-            "check the network access to deb.debian.org and try again",
+            "check the network access to the Debian mirror and try again (another mirror: "
+                "set CVMLAB_DEBIAN_MIRROR)",
         )
     return QemuError(f"{what}: {reason}", "check the suite name, or run again with refresh")
 
@@ -438,7 +440,7 @@ def private_qemu(
     suite: str = DEFAULT_SUITE,
     *,
     refresh: bool = False,
-    mirror: str = MIRROR,
+    mirror: str | None = None,
     progress: Progress = stderr_progress,
 ) -> PrivateQemu:
     """QEMU from `suite` (default trixie-backports) in a private prefix, fetched if needed.
@@ -454,8 +456,9 @@ def private_qemu(
         cached, age = _read_pointer(root, suite)
         if cached is not None and age is not None and age < RESOLVE_MAX_AGE_S and not refresh:
             return cached
-        tag = "" if mirror == MIRROR else "-" + hashlib.sha256(mirror.encode()).hexdigest()[:8]
-        apt = _PrivateApt(root / f"apt-{suite}{tag}", suite, mirror)
+        chosen = archive_mirror(mirror)
+        tag = hashlib.sha256(chosen.encode()).hexdigest()[:8]
+        apt = _PrivateApt(root / f"apt-{suite}-{tag}", suite, chosen)
         try:
             lists_age = apt.lists_age()
             if refresh or lists_age is None or lists_age >= RESOLVE_MAX_AGE_S:
