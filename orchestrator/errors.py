@@ -58,3 +58,8 @@ class HostError(CvmlabError):
 class MemoryOpError(CvmlabError):
     """A memory operation (hole punch, balloon, virtio-mem, conversion) cannot be done as asked:
     a range outside guest RAM, unaligned, across a hole, or a backing that cannot do it."""
+
+
+class LabError(CvmlabError):
+    """The kernel-under-test lab cannot start or run: a kernel that is not there or lacks
+    KVM, a QEMU without TCG SVM, a kernel that panics or hangs, a command not found inside."""
