@@ -240,7 +240,7 @@ def test_bad_cpu_model_is_launch_error_with_qemu_stderr(
     assert "unable to find CPU model" in caught.value.detail
     assert machine.returncode not in (None, 0)
     assert not machine.running and not Path(f"/proc/{machine.pid}").exists()
-    assert machine.rundir is not None and not machine.rundir.exists()
+    assert machine.rundir is None  # QMP over a socket pair: no run directory at all
     # The evidence explains it: the exact command and QEMU's words.
     assert json.loads((evidence_dir / "argv.json").read_text())[0] == "qemu-system-x86_64"
     assert "no-such-cpu" in (evidence_dir / "qemu.stderr").read_text()
@@ -357,14 +357,34 @@ def test_machine_started_in_a_short_lived_thread_outlives_the_thread(
 def test_qmp_socket_directory_stays_short_under_a_long_tmpdir(
     guest_image: ImageManifest, evidence_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # avocado's per-test directories are far longer than AF_UNIX's 108 bytes.
+    # avocado's per-test directories are far longer than AF_UNIX's 108 bytes; only the
+    # human monitor has a socket path at all.
     long_tmp = evidence_dir / ("x" * 100)
     long_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    with Machine(_spec(guest_image), evidence_dir, human_qmp=True) as machine:
+        machine.start()
+        human = machine.human_qmp_socket
+        assert human is not None and len(str(human)) < 108 and human.is_socket()
+        assert machine.qmp.connected
+
+
+@pytest.mark.vm
+def test_qmp_runs_over_an_inherited_socket_pair_without_a_socket_file(
+    guest_image: ImageManifest, evidence_dir: Path
+) -> None:
+    # No socket path to poll for: QEMU gets a connected fd and greets on it.
     with Machine(_spec(guest_image), evidence_dir) as machine:
         machine.start()
-        assert machine.rundir is not None and len(str(machine.rundir / "qmp.sock")) < 108
-        assert machine.qmp.connected
+        argv = json.loads((evidence_dir / "argv.json").read_text())
+        chardev = argv[argv.index("-mon") - 1]
+        assert re.fullmatch(r"socket,id=qmp0,fd=\d+", chardev), chardev
+        assert machine.rundir is None
+        assert machine.qmp.execute("query-status")["status"] == "running"
+        kinds = [r["kind"] for r in _records(evidence_dir / "qmp.jsonl")]
+        assert kinds[:2] == ["greeting", "command"]  # still recorded in qmp.jsonl
+    # run.sh stays runnable by hand: it names a socket path, not an fd.
+    assert "fd=" not in (evidence_dir / "run.sh").read_text()
 
 
 @pytest.mark.vm

@@ -57,12 +57,16 @@ class Plumbing:
     by the serial watcher) or a file path. `extra_qmp_socket` adds a second QMP
     monitor there: QEMU serves one client per monitor socket, so a person can
     attach `qmp-shell` only to a monitor cvmlab does not hold (`cvmlab repro`).
+    `qmp_fd`, when set, replaces `qmp_socket`: QEMU inherits that fd, one end of a
+    connected socket pair whose other end the launcher holds, so nobody waits for
+    a socket file to appear (the launcher's choice; run.sh keeps the path).
     """
 
     qmp_socket: str
     serial: Literal["stdio"] | str = "stdio"
     trace_file: str | None = None
     extra_qmp_socket: str | None = None
+    qmp_fd: int | None = None
 
 
 def _escape_opt(value: str) -> str:
@@ -208,13 +212,14 @@ def _boot_args(spec: MachineSpec) -> list[str]:
     return args
 
 
-def qmp_monitor_args(chardev_id: str, socket_path: str) -> list[str]:
-    """A QMP monitor listening on a unix socket (QEMU does not wait for a client)."""
-    return [
-        "-chardev",
-        f"socket,id={chardev_id},path={_escape_opt(socket_path)},server=on,wait=off",
-        "-mon", f"chardev={chardev_id},mode=control",
-    ]  # fmt: skip
+def qmp_monitor_args(chardev_id: str, socket_path: str, fd: int | None = None) -> list[str]:
+    """A QMP monitor listening on a unix socket (QEMU does not wait for a client), or,
+    with `fd`, on an inherited socket that is already connected to its client."""
+    if fd is not None:
+        chardev = f"socket,id={chardev_id},fd={fd}"
+    else:
+        chardev = f"socket,id={chardev_id},path={_escape_opt(socket_path)},server=on,wait=off"
+    return ["-chardev", chardev, "-mon", f"chardev={chardev_id},mode=control"]
 
 
 def _serial_args(serial: str) -> list[str]:
@@ -283,7 +288,7 @@ def build_argv(
     if spec.confidential is not None:
         argv += ["-object", confidential_object(spec.confidential)]
     argv += _boot_args(spec)
-    argv += qmp_monitor_args(QMP_CHARDEV_ID, plumbing.qmp_socket)
+    argv += qmp_monitor_args(QMP_CHARDEV_ID, plumbing.qmp_socket, plumbing.qmp_fd)
     if plumbing.extra_qmp_socket:
         argv += qmp_monitor_args(HUMAN_QMP_CHARDEV_ID, plumbing.extra_qmp_socket)
     argv += _serial_args(plumbing.serial)

@@ -15,8 +15,9 @@ What it guarantees:
 - No orphans: QEMU is started through `orchestrator.qemu.spawn`, so it is
   SIGKILLed if this process dies, even by SIGKILL; normal exits, exceptions and
   timeouts go through the shutdown ladder; an atexit hook kills machines still
-  running. The QMP socket's run directory is deleted as soon as QMP is
-  connected, so a killed test leaves no directory behind either.
+  running. QMP runs over a socket pair (QEMU inherits one end), so there is
+  no socket file to poll for and none a killed test could leave behind; only
+  the optional human monitor (`human_qmp`) has a 0700 run directory.
 - Crashes are noticed as they happen (a kernel crash line on the console, or
   QMP GUEST_PANICKED from the pvpanic device) and interrupt whatever waits on
   the guest: `wait_ready()` and running SSH commands raise GuestCrashed at once.
@@ -31,9 +32,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -113,9 +116,12 @@ class Machine:
         timeline: Timeline | None = None,
         ready_marker: str | None = None,
         human_qmp: bool = False,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """`human_qmp` adds a second QMP monitor socket for a person (qmp-shell), kept
-        in `rundir` until the machine is released (`human_qmp_socket`)."""
+        in `rundir` until the machine is released (`human_qmp_socket`). `extra_args`
+        go after the spec's argv (e.g. `-incoming defer` for a restore: run-time
+        plumbing, not part of the machine)."""
         self.spec = spec
         self.evidence_dir = Path(evidence_dir)
         # A list runs QEMU through a prefix (e.g. a private loader for a newer build).
@@ -125,6 +131,7 @@ class Machine:
         self.timeline = timeline
         self.ready_marker = ready_marker
         self.human_qmp = human_qmp
+        self.extra_args = list(extra_args)
 
         self.qmp = QmpSession(self.evidence_dir / "qmp.jsonl", timeline, name=f"qmp-{spec.name}")
         self.console = SerialConsole(timeline, on_crash=self._on_crash)
@@ -261,20 +268,25 @@ class Machine:
             raise QemuError("the machine was already started", "use a new Machine for a new run")
         self.preflight()
         self.evidence_dir.mkdir(parents=True, exist_ok=True)
-        # A short private directory: AF_UNIX paths must stay under 108 bytes, and
-        # avocado's work directories are longer than that. mkdtemp makes it 0700.
-        self.rundir = Path(tempfile.mkdtemp(prefix="cvmlab-", dir=_short_tempdir()))
-        socket_path = self.rundir / "qmp.sock"
+        if self.human_qmp:
+            # A short private directory: AF_UNIX paths must stay under 108 bytes, and
+            # avocado's work directories are longer than that. mkdtemp makes it 0700.
+            self.rundir = Path(tempfile.mkdtemp(prefix="cvmlab-", dir=_short_tempdir()))
+        # Our QMP channel is a connected socket pair: QEMU inherits one end, we keep
+        # the other, so there is no socket file to wait for and none to clean up.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         trace = str(self.evidence_dir / "trace.log") if self.spec.trace_events else None
         human = self.human_qmp_socket
         argv = self._argv(
             Plumbing(
-                qmp_socket=str(socket_path),
+                qmp_socket="",
+                qmp_fd=theirs.fileno(),
                 serial="stdio",
                 trace_file=trace,
                 extra_qmp_socket=str(human) if human is not None else None,
             )
         )
+        argv += self.extra_args
         try:
             self._write_evidence(argv)
             self._serial_log = open(self.evidence_dir / "serial.log", "wb", buffering=0)  # noqa: SIM115
@@ -284,11 +296,19 @@ class Machine:
             launched = self._record("launch", argv=argv)
             self.timings["launch"] = launched
             self._proc = spawn(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr_file
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr_file,
+                pass_fds=[theirs.fileno()],
             )
         except BaseException:
+            ours.close()
             self._release()
             raise
+        finally:
+            # QEMU has its copy (or never will): ours would keep the pair open past its exit.
+            theirs.close()
         with _LIVE_LOCK:
             _LIVE.add(self)
         self._record("spawned", pid=self._proc.pid)
@@ -301,13 +321,8 @@ class Machine:
         )
         self._exit_thread.start()
         try:
-            self.qmp.connect(socket_path, deadline=launched + timeout, alive=self._alive)
+            self.qmp.connect_socket(ours, deadline=launched + timeout, alive=self._alive)
             self.timings["qmp_up"] = self._record("qmp-up", seconds=round(now() - launched, 6))
-            # Connected: nobody else needs the socket file (QEMU serves one client),
-            # and a run directory must not outlive a SIGKILLed test. The human
-            # monitor's socket stays until release.
-            if not self.human_qmp:
-                self._remove_rundir()
             if self.spec.ssh_forward:
                 self.ssh_port = self.qmp.ssh_forward_port()
                 if self.ssh_port is None:
@@ -327,6 +342,10 @@ class Machine:
 
     def _fail_start(self, error: CvmlabError) -> None:
         """Turn a failed start into one clear error, leaving nothing running."""
+        if isinstance(error, LaunchError):
+            # QEMU closed its monitor while exiting: give the exit watcher a moment
+            # to reap it, so the error carries QEMU's own reason.
+            self._exited.wait(QUIT_TIMEOUT)
         if self._alive():
             self.kill()
             raise error

@@ -13,10 +13,17 @@ takes a `mark()` *before* sending a command and then waits for the event with
 `after=mark`: an event that arrives between the command and the wait is never
 missed.
 
-qemu.qmp 0.0.6 specifics handled here (see research/python-ecosystem.md §2):
-connecting before QEMU has created its socket fails, so we wait for the path to
-appear while checking that QEMU is alive; after `quit`, `disconnect()` re-raises
-the reader's EOFError, which is the normal end of a session, not an error.
+How a session meets QEMU: `connect_socket()` takes our end of a connected socket
+pair whose other end QEMU inherited (`-chardev socket,fd=N`), so there is nothing
+to wait for: QEMU's greeting arrives on it once its monitor is up, and an exit
+before that is an EOF at once. This is how the launcher connects. `connect()` to
+a socket path is for a QEMU someone else started: connecting before QEMU has
+created its socket fails, so it waits for the path to appear while checking that
+QEMU is alive.
+
+qemu.qmp 0.0.6 specifics (see research/python-ecosystem.md §2): after `quit`,
+`disconnect()` re-raises the reader's EOFError, which is the normal end of a
+session, not an error.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import stat
 import threading
 from collections.abc import Callable, Coroutine, Mapping
@@ -272,6 +280,52 @@ class QmpSession:
                 "QEMU is alive but its monitor is stuck; see qemu.stderr",
                 detail=repr(last_error) if last_error else "",
             )
+        self._client = client
+        self._watch_task = self._call(self._start_watch(client), 5)
+
+    def connect_socket(
+        self,
+        sock: socket.socket,
+        deadline: float,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Run the session over `sock`, already connected to QEMU's monitor (a socket pair).
+
+        Waits for QEMU's greeting until `deadline` (a now() value); no polling: the
+        greeting, or the EOF of a QEMU that exited, ends the wait. The session owns
+        `sock` from here on (closed by close(), or here on failure).
+        """
+        if self._client is not None:
+            sock.close()
+            raise QmpError("the QMP session is already connected", "use a new QmpSession")
+        if self._log_path is not None and self._log is None:
+            self._log = JsonlWriter(self._log_path)
+        self._start_loop()
+        client = _RecordingClient(self.name, self._record)
+        remaining = max(0.0, deadline - now())
+        # qemu.qmp logs a failed handshake at ERROR; ours says it once, with QEMU's stderr.
+        client_log = logging.getLogger(f"qemu.qmp.protocol.{self.name}")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)
+        try:
+            self._call(asyncio.wait_for(client.connect(sock), remaining), remaining + 1)
+        except (ConnectError, asyncio.TimeoutError, FutureTimeout, OSError, EOFError) as err:
+            self._abandon()
+            sock.close()
+            timed_out = isinstance(err, asyncio.TimeoutError | FutureTimeout)
+            if not timed_out or not alive():
+                # The monitor's end closed before the greeting: QEMU is exiting.
+                raise LaunchError(
+                    "QEMU exited before its QMP monitor answered",
+                    "see qemu.stderr for QEMU's reason",
+                ) from err
+            raise QmpError(
+                "QEMU's QMP monitor did not greet in time",
+                "QEMU is alive but stuck before its main loop; see qemu.stderr",
+                detail=repr(err),
+            ) from err
+        finally:
+            client_log.setLevel(level)
         self._client = client
         self._watch_task = self._call(self._start_watch(client), 5)
 

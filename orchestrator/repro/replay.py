@@ -105,7 +105,7 @@ def replug(recorded: Sequence[str], plumbing: Plumbing) -> list[str]:
     # The recorded chardev and its -mon pair are replaced by this run's monitors.
     if argv[at + 2 : at + 4] != ["-mon", f"chardev={QMP_CHARDEV_ID},mode=control"]:
         raise ReproError("the recorded QMP monitor is not in cvmlab's form", "re-run the test")
-    monitors = qmp_monitor_args(QMP_CHARDEV_ID, plumbing.qmp_socket)
+    monitors = qmp_monitor_args(QMP_CHARDEV_ID, plumbing.qmp_socket, plumbing.qmp_fd)
     if plumbing.extra_qmp_socket:
         monitors += qmp_monitor_args(HUMAN_QMP_CHARDEV_ID, plumbing.extra_qmp_socket)
     argv[at : at + 4] = monitors
