@@ -11,6 +11,12 @@ the spec against QEMU's rules and this QEMU's introspection, boots the guest,
 waits for its readiness marker, connects SSH, and always tears everything
 down, keeping the evidence of DESIGN.md section 5 in the test's data dir.
 
+Status semantics (README "What a status means", orchestrator.invariants.outcome):
+the end-of-test invariants (G3 guest health, H9 teardown, H8 host log) are judged
+in a finish phase that runs right after the test method, inside avocado's test
+phase, so a failure there is a FAIL with its verdict, never an ERROR raised from
+tearDown; `tearDown` only releases what is left and writes evidence.
+
 Parameters: machine keys (see `orchestrator.qemu.spec.spec_from_params`) are
 read from the variant's `machine` subtree (`/run/machine/...` in a YAML
 variants file) or given with `-p key=value`; `qemu` names the QEMU binary.
@@ -28,18 +34,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from avocado import Test
+from avocado.core import exceptions as avocado_exceptions
 
-from orchestrator.errors import CvmlabError, GuestCrashed, HostError
+from orchestrator.errors import CvmlabError, HostError, QemuError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
-from orchestrator.guest.serial import crash_lines
 from orchestrator.guest.ssh import GuestShell
+from orchestrator.host.baseline import TeardownWatch
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import HostLogWatch
 from orchestrator.host.meminfo import sample_meminfo
 from orchestrator.host.probe import HostProbe, probe_host
 from orchestrator.host.settle import Settled, settle
 from orchestrator.image import ImageManifest, default_image, verify_image
-from orchestrator.invariants.verdict import Verdict, VerdictLog, holds
+from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_verdict
+from orchestrator.invariants.host_log import host_log_verdict
+from orchestrator.invariants.outcome import Raised, decide
+from orchestrator.invariants.teardown import teardown_verdict
+from orchestrator.invariants.verdict import Verdict, VerdictLog, incomplete
 from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
 from orchestrator.memory.expectations import hugetlb_shortfall
 from orchestrator.qemu.argv import RAM_ID
@@ -55,7 +66,7 @@ from orchestrator.qemu.spec import (
 )
 from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
 from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
-from orchestrator.timeline import Timeline
+from orchestrator.timeline import Timeline, now
 from orchestrator.units import MiB
 
 DEFAULT_QEMU = "qemu-system-x86_64"
@@ -79,6 +90,10 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
     verdicts: VerdictLog
     evidence_dir: Path
     host_log: HostLogWatch
+    #: now() when the test method ended and the finish phase began (repro steps end there).
+    test_ended: float | None = None
+    #: The finish phase ran (its verdicts are in); tearDown then only releases.
+    finished: bool = False
 
     def setUp(self) -> None:
         self.evidence_dir = Path(self.outputdir)
@@ -94,20 +109,59 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
         )
         self.require_tiers(*self.tiers)
 
+    # --- the finish phase: end-of-test invariants, judged before avocado's tearDown ------
+
+    def _run_test(self) -> None:
+        """avocado's setUp + test, then `finish()`; the status follows outcome.decide.
+
+        Overrides avocado.core.test.Test._run_test (avocado 113): a verdict that fails
+        in `finish` is a FAIL (tearDown's exceptions would be ERRORs replacing it).
+        """
+        raised: BaseException | None = None
+        try:
+            super()._run_test()
+        except BaseException as exc:  # judged below, by kind
+            raised = exc
+        kind = _raised_kind(raised)
+        if kind == "cancel" or isinstance(raised, avocado_exceptions.TestInterrupt):
+            assert raised is not None
+            raise raised
+        try:
+            self.finish()
+        except Exception as exc:  # the harness broke while judging: ERROR unless a verdict failed
+            self.log.exception("the finish phase could not complete")
+            if raised is None:
+                raised, kind = exc, "error"
+        self.finished = True
+        outcome = decide(self.verdicts.verdicts, kind, _error_text(raised))
+        self.log.info("outcome: %s %s", outcome.status, outcome.reason)
+        if outcome.status == "FAIL":
+            raise avocado_exceptions.TestFail(outcome.reason) from raised
+        if outcome.status == "ERROR":
+            assert raised is not None or outcome.reason
+            raise raised if raised is not None else avocado_exceptions.TestError(outcome.reason)
+        if outcome.status == "WARN":
+            raise avocado_exceptions.TestWarn(outcome.reason)
+
+    def finish(self) -> None:
+        """End-of-test invariants; subclasses judge theirs, then call this (H8 last)."""
+        if self.test_ended is None:
+            self.test_ended = now()
+        host_log = getattr(self, "host_log", None)
+        if host_log is None:
+            return
+        delta = host_log.delta()
+        (self.evidence_dir / "host-dmesg.txt").write_text(delta.text())
+        self.record(host_log_verdict(delta, "host kernel log is clean through the end of the test"))
+
     def tearDown(self) -> None:
+        """Release what is left and keep the evidence; never judges (see `finish`)."""
         try:
             host_log = getattr(self, "host_log", None)
             if host_log is not None:
-                delta = host_log.delta()
+                if not self.finished:
+                    (self.evidence_dir / "host-dmesg.txt").write_text(host_log.delta().text())
                 host_log.close()
-                (self.evidence_dir / "host-dmesg.txt").write_text(delta.text())
-                judged = any(v.invariant == "H8" for v in self.verdicts.verdicts)
-                ran = bool(self.verdicts.verdicts)  # a cancelled test judged nothing
-                if ran and not judged and not delta.clean:
-                    # The test did not judge H8 itself: judge it now, so no splat is missed.
-                    self.check(
-                        holds("H8", "host kernel log is clean", False, problems=delta.summary())
-                    )
         finally:
             timeline = getattr(self, "timeline", None)
             if timeline is not None:
@@ -145,23 +199,21 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
             self.cancel(reason)
 
     def check_host_log_clean(self) -> Verdict:
-        """H8: no WARN/BUG/Oops/RCU stall/SEAMCALL/RMP/MCE in the host kernel log since setUp."""
-        delta = self.host_log.delta()
-        return self.check(
-            holds(
-                "H8",
-                "host kernel log is clean",
-                delta.clean,
-                new_records=len(delta.records),
-                problems=delta.summary() if not delta.clean else "",
-            )
-        )
+        """H8: no WARN/BUG/Oops/RCU stall/SEAMCALL/RMP/MCE in the host kernel log since setUp.
 
-    def check(self, verdict: Verdict) -> Verdict:
-        """Record a verdict (in verdicts.json and the log); a failed one fails the test."""
+        Lost records with nothing found are "incomplete" (the test ends WARN, never PASS)."""
+        return self.check(host_log_verdict(self.host_log.delta()))
+
+    def record(self, verdict: Verdict) -> Verdict:
+        """Record a verdict (verdicts.json, timeline, log) without ending the test."""
         self.verdicts.add(verdict)
         self.timeline.record("verdict", verdict.status, invariant=verdict.invariant)
         self.log.info("%s", verdict.line())
+        return verdict
+
+    def check(self, verdict: Verdict) -> Verdict:
+        """Record a verdict; a failed one fails the test at once (its line is the reason)."""
+        self.record(verdict)
         if verdict.failed:
             self.fail(verdict.line())
         return verdict
@@ -181,6 +233,8 @@ class MachineScenario(Scenario):
     spec: MachineSpec
     machine: Machine
     guest: GuestShell
+    #: Set by `expect_guest_crash()`: the test crashes its guest on purpose and judges it.
+    crash_expected: str | None = None
 
     def machine_params(self) -> dict[str, Any]:
         """The variant's `machine` subtree, plus known machine keys given with -p."""
@@ -232,6 +286,8 @@ class MachineScenario(Scenario):
             self.error(str(error))
         self.spec = self.build_spec()
         self.before_launch()
+        # H9's baseline: the runner's fds and children, quiet host counters, before QEMU.
+        self.teardown_watch = TeardownWatch(extra_markers=(str(self.evidence_dir),))
         self.machine = Machine(
             self.spec,
             self.evidence_dir,
@@ -246,12 +302,52 @@ class MachineScenario(Scenario):
     def before_launch(self) -> None:
         """Called with `self.spec` complete and its tiers present, just before QEMU starts."""
 
+    def expect_guest_crash(self, why: str) -> None:
+        """This test crashes its guest on purpose and judges the crash itself: the
+        finish phase then records no G3 verdict of its own."""
+        self.crash_expected = why
+
+    def stop_observers(self) -> None:
+        """Stop followers and close files the test opened (before H9 counts fds); idempotent."""
+
+    def finish(self) -> None:
+        """G3 (crash or guest log), shutdown, H9 (teardown left nothing), then H8."""
+        self.test_ended = now()
+        self.stop_observers()
+        machine = getattr(self, "machine", None)
+        if machine is not None:
+            self._judge_guest_at_end(machine)
+            rung = machine.shutdown()
+            self.log.info("guest stopped by %s", rung)
+            watch = getattr(self, "teardown_watch", None)
+            if watch is not None:
+                try:
+                    pid: int | None = machine.pid
+                except QemuError:
+                    pid = None
+                self.record(teardown_verdict(watch.observe(pid, machine.rundir)))
+        super().finish()
+
+    def _judge_guest_at_end(self, machine: Machine) -> None:
+        """G3 at the end: the console's crash report, else the guest's kernel log."""
+        if self.crash_expected is not None:
+            self.log.info("guest crash expected (%s): G3 judged by the test", self.crash_expected)
+            return
+        dmesg = self._save_guest_dmesg()
+        if machine.crashed is not None:
+            self.record(guest_crash_verdict(machine.crashed))
+        elif dmesg is not None:
+            self.record(guest_log_verdict(dmesg.splitlines()))
+        elif getattr(self, "guest", None) is not None:
+            self.record(incomplete("G3", "the guest's kernel log could not be read at the end"))
+
     def tearDown(self) -> None:
         try:
             self._write_repro_bundle()
             machine = getattr(self, "machine", None)
             if machine is not None:
-                self._save_guest_dmesg()
+                if not self.finished:
+                    self._save_guest_dmesg()
                 rung = machine.shutdown()
                 self.log.info("guest stopped by %s", rung)
         finally:
@@ -278,30 +374,34 @@ class MachineScenario(Scenario):
                 qemu_command=json.loads(argv_json.read_text()),
                 image=getattr(self, "image", None),
                 seed=seed if isinstance(seed, int) else None,
+                end=self.test_ended,
             )
         except Exception:  # a broken bundle must not turn a FAIL into an ERROR
             self.log.exception("could not write the reproducer bundle (repro.json)")
 
-    def _save_guest_dmesg(self) -> None:
+    def _save_guest_dmesg(self) -> str | None:
+        """guest-dmesg.txt from a guest that is up; its text, or None."""
         guest = getattr(self, "guest", None)
-        if guest is None or self.machine.crashed is not None:
-            return
+        if guest is None or self.machine.crashed is not None or not self.machine.running:
+            return None
         try:
             result = self.guest.run("dmesg", timeout=20, check=False)
         except CvmlabError as error:
             self.log.warning("could not read the guest's dmesg: %s", error)
-            return
+            return None
         (self.evidence_dir / "guest-dmesg.txt").write_text(result.stdout)
+        return result.stdout
 
     # --- guest invariants every machine scenario can assert -----------------------
 
     def check_guest_log_clean(self) -> Verdict:
-        """G3: no oops/WARN/BUG/panic in the guest's kernel log, and no pvpanic event."""
+        """G3: no oops/WARN/BUG/panic in the guest's kernel log, and no pvpanic event.
+
+        A crashed guest is a G3 FAIL carrying the console lines (not an ERROR)."""
         if self.machine.crashed is not None:
-            raise GuestCrashed("the guest crashed", detail=str(self.machine.crashed))
+            return self.check(guest_crash_verdict(self.machine.crashed))
         dmesg = self.guest.run("dmesg", timeout=20).stdout
-        bad = crash_lines(dmesg.splitlines())
-        return self.check(holds("G3", "guest kernel log is clean", not bad, bad_lines=bad[:20]))
+        return self.check(guest_log_verdict(dmesg.splitlines()))
 
 
 class MemoryScenario(MachineScenario):
@@ -363,11 +463,15 @@ class MemoryScenario(MachineScenario):
         self.lock = lock
         self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
 
+    def stop_observers(self) -> None:
+        trace = getattr(self, "trace", None)
+        if trace is not None:
+            self.log.info("trace totals: %s", trace.stop().to_json())
+        super().stop_observers()
+
     def tearDown(self) -> None:
         try:
-            trace = getattr(self, "trace", None)
-            if trace is not None:
-                self.log.info("trace totals: %s", trace.stop().to_json())
+            self.stop_observers()
             super().tearDown()
         finally:
             if getattr(self, "lock", None) is not None:
@@ -393,3 +497,20 @@ class MemoryScenario(MachineScenario):
             interval=0.2,
             timeout=15,
         )
+
+
+def _raised_kind(raised: BaseException | None) -> Raised:
+    """What ended the test method, for outcome.decide."""
+    if raised is None:
+        return "nothing"
+    if isinstance(raised, (avocado_exceptions.TestCancel, avocado_exceptions.TestSkipError)):
+        return "cancel"
+    if isinstance(raised, (avocado_exceptions.TestFail, AssertionError)):
+        return "check"
+    return "error"
+
+
+def _error_text(raised: BaseException | None) -> str:
+    if raised is None:
+        return ""
+    return f"{type(raised).__name__}: {raised}"

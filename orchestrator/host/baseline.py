@@ -10,15 +10,24 @@
 process (`resources.ResourceSnapshot`, H9), and chosen /proc/meminfo counters,
 which `report()` waits to see back within a tolerance of their baseline
 (`settle.converge`, H9). It judges nothing itself: scenarios turn the report
-into verdicts. Pick quiet counters for the baseline check (`Unevictable`);
+into verdicts (orchestrator.invariants). A baseline that did not settle is
+marked (`baseline_settled`), never used as if it had: the rule of
+memory/expectations.py (judge a counter only when both readings settled).
+
+`TeardownWatch` is the same idea for a QEMU scenario's teardown (H9): taken
+before the guest is launched, `observe()` after it was shut down returns a
+`TeardownObservation` (QEMU gone, run dir gone, no new fd/mapping/child in the
+runner, counters back). Pick quiet counters for the baseline check (`Unevictable`);
 counters that the rest of the machine moves all the time (`Cached`, `Shmem`)
 are better judged by deltas measured right around an operation.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 from orchestrator.host.kernel_log import KMSG, HostLogWatch, LogDelta
@@ -37,10 +46,11 @@ class CounterReturn:
     baseline: int
     settled: Settled
     tolerance: int
+    baseline_settled: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.settled.ok
+        return self.settled.ok and self.baseline_settled
 
     @property
     def difference(self) -> int:
@@ -77,11 +87,13 @@ class HostBaseline:
         self.log = HostLogWatch(kmsg)
         try:
             self.resources = ResourceSnapshot.take(pid)
-            # A baseline taken while a counter is still moving would be off.
-            self.counters = {
-                name: settle(self._reader(name), tolerance=tolerance // 8, interval=0.02).value
+            # A baseline taken while a counter is still moving would be off: say so.
+            settled = {
+                name: settle(self._reader(name), tolerance=tolerance // 8, interval=0.02)
                 for name in counters
             }
+            self.counters = {name: s.value for name, s in settled.items()}
+            self.settled = {name: s.ok for name, s in settled.items()}
         except BaseException:
             self.log.close()
             raise
@@ -103,6 +115,7 @@ class HostBaseline:
                     timeout=timeout,
                 ),
                 self.tolerance,
+                self.settled[name],
             )
             for name, baseline in self.counters.items()
         )
@@ -122,3 +135,109 @@ class HostBaseline:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --- H9 for a QEMU scenario -------------------------------------------------------------------
+
+#: Fd targets and mapping names a QEMU scenario's runner may leak: KVM and guest_memfd
+#: fds, memfds, pidfds (borrowed QEMU fds), sockets (QMP, SSH), and files under the
+#: test's evidence or run directories (added per watch).
+TEARDOWN_MARKERS: tuple[str, ...] = ("kvm", "memfd:", "[pidfd]", "socket:")
+#: Quiet host counters judged back at baseline, with their tolerance in bytes.
+#: Unevictable (guest_memfd folios, mlocked QEMU memory) moves only with such memory;
+#: Shmem/Cached/AnonPages move with every other tenant's work and are not judged here.
+TEARDOWN_COUNTERS: dict[str, int] = {"Unevictable": 8 * MiB}
+
+
+@dataclass(frozen=True)
+class CounterBack:
+    """A host counter: its baseline, the value it settled at after teardown, the tolerance."""
+
+    name: str
+    baseline: int
+    seen: int
+    tolerance: int
+    settled: bool = True  # both readings settled (else it cannot be judged)
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.seen - self.baseline) <= self.tolerance
+
+    def describe(self) -> str:
+        diff = (self.seen - self.baseline) / MiB
+        text = (
+            f"{self.name} {diff:+.1f} MiB from its baseline (tolerance ±{self.tolerance / MiB:g} "
+            "MiB)"
+        )
+        return text if self.settled else text + ", not settled"
+
+
+@dataclass(frozen=True)
+class TeardownObservation:
+    """What was left after the machine was shut down (judged by invariants.teardown)."""
+
+    qemu_pid: int | None
+    qemu_alive: bool
+    rundir: str | None
+    rundir_exists: bool
+    leftovers: tuple[str, ...] = ()  # fds, mappings, child processes of the runner
+    counters: tuple[CounterBack, ...] = field(default_factory=tuple)
+
+
+def pid_alive(pid: int, proc: str = "/proc") -> bool:
+    """The process exists and is not a zombie (a zombie holds nothing but its pid)."""
+    try:
+        with open(f"{proc}/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            stat = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # "pid (comm) S ...": the state follows the last ')', comm may hold anything.
+    state = stat.rpartition(")")[2].split()[:1]
+    return state != ["Z"]
+
+
+class TeardownWatch:
+    """The runner's resources and quiet host counters before a guest is launched (H9)."""
+
+    def __init__(
+        self,
+        extra_markers: tuple[str, ...] = (),
+        counters: dict[str, int] | None = None,
+        meminfo: str = "/proc/meminfo",
+    ) -> None:
+        self.markers = TEARDOWN_MARKERS + extra_markers
+        self.tolerances = dict(TEARDOWN_COUNTERS if counters is None else counters)
+        self._meminfo = meminfo
+        self.resources = ResourceSnapshot.take("self", self.markers)
+        settled = {
+            name: settle(self._reader(name), tolerance=tol // 8, interval=0.05, timeout=10)
+            for name, tol in self.tolerances.items()
+        }
+        self.baseline = {name: s.value for name, s in settled.items()}
+        self.baseline_settled = {name: s.ok for name, s in settled.items()}
+
+    def _reader(self, name: str) -> Callable[[], int]:
+        return lambda: meminfo_field(name, self._meminfo)
+
+    def observe(
+        self, qemu_pid: int | None, rundir: Path | None, timeout: float = 15.0
+    ) -> TeardownObservation:
+        """After shutdown: what is left, counters given up to `timeout` s to come back."""
+        counters = []
+        for name, baseline in self.baseline.items():
+            tol = self.tolerances[name]
+            back = converge(
+                self._reader(name), baseline, tolerance=tol, interval=0.1, timeout=timeout
+            )
+            counters.append(
+                CounterBack(name, baseline, back.value, tol, self.baseline_settled[name])
+            )
+        after = ResourceSnapshot.take("self", self.markers)
+        return TeardownObservation(
+            qemu_pid=qemu_pid,
+            qemu_alive=qemu_pid is not None and pid_alive(qemu_pid),
+            rundir=str(rundir) if rundir is not None else None,
+            rundir_exists=rundir is not None and os.path.exists(rundir),
+            leftovers=tuple(leftovers(self.resources, after)),
+            counters=tuple(counters),
+        )

@@ -1,8 +1,14 @@
 """Verdicts: each invariant a test checked, with the numbers that decided it.
 
 A verdict is written to `verdicts.json` the moment it is made, so a test that
-dies later still leaves what it had judged. IDs are those of DESIGN.md
-section 4 (H1..H9, G1..G4).
+dies later still leaves what it had judged. IDs are those of docs/design.md
+section 4: H1..H9 (host) and G1..G4 (guest) are invariants of the system under
+test; S1..S3 are cvmlab's own self-checks (see SELF_CHECKS), never filed as an
+invariant of the system, and shown apart in the report.
+
+Statuses: "pass", "fail" (the invariant did not hold: the test FAILs),
+"incomplete" (the evidence to judge was partly missing: never a PASS; the test
+WARNs when nothing failed), "not-applicable".
 """
 
 from __future__ import annotations
@@ -13,7 +19,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Status = Literal["pass", "fail", "not-applicable"]
+Status = Literal["pass", "fail", "incomplete", "not-applicable"]
+
+#: cvmlab's self-checks: they prove the harness did what it meant to (a request it
+#: must refuse was refused by cvmlab itself, an injected fault took effect, a step
+#: ran where the platform makes it a no-op), not that the system under test holds.
+SELF_CHECKS: dict[str, str] = {
+    "S1": "cvmlab refused a bad request itself, before it reached QEMU or the kernel",
+    "S2": "a fault the test injected on purpose took effect",
+    "S3": "a step ran, on a platform where it cannot change anything (e.g. TCG: no conversion)",
+}
+
+
+def is_self_check(invariant: str) -> bool:
+    """True for the S family (cvmlab's own checks), false for H/G invariants."""
+    return invariant[:1] == "S" and invariant[1:].isdigit()
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,10 @@ class Verdict:
     def failed(self) -> bool:
         return self.status == "fail"
 
+    @property
+    def incomplete(self) -> bool:
+        return self.status == "incomplete"
+
     def line(self) -> str:
         """One readable line, used in failure messages."""
         text = f"{self.invariant} {self.status.upper()}: {self.summary}"
@@ -81,6 +105,11 @@ def within(
 def holds(invariant: str, summary: str, ok: bool, **evidence: Any) -> Verdict:
     """Pass when `ok`; `evidence` says what was looked at."""
     return Verdict(invariant, "pass" if ok else "fail", summary, evidence=evidence)
+
+
+def incomplete(invariant: str, summary: str, **evidence: Any) -> Verdict:
+    """The evidence to judge `invariant` was partly missing: never a pass."""
+    return Verdict(invariant, "incomplete", summary, evidence=evidence)
 
 
 def not_applicable(invariant: str, reason: str) -> Verdict:
