@@ -1,4 +1,4 @@
-"""`cvmlab`: probe | image | report | profile | bench.
+"""`cvmlab`: probe | image | report | profile | bench | repro | lab.
 
 Each subcommand lives with its layer (`orchestrator.host.probe_cli`,
 `orchestrator.image.cli`, `orchestrator.bench`) and registers itself through
@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "orchestrator.profiles",
     "orchestrator.bench",
     "orchestrator.repro.cli",
+    "orchestrator.lab.cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]
