@@ -52,6 +52,11 @@ def iow(type_: int, nr: int, size: int) -> int:
     return _ioc(_IOC_WRITE, type_, nr, size)
 
 
+def ior(type_: int, nr: int, size: int) -> int:
+    """`_IOR(type, nr, T)` with `size == sizeof(T)`: the kernel writes the struct."""
+    return _ioc(_IOC_READ, type_, nr, size)
+
+
 def iowr(type_: int, nr: int, size: int) -> int:
     """`_IOWR(type, nr, T)` with `size == sizeof(T)`: the struct goes both ways."""
     return _ioc(_IOC_READ | _IOC_WRITE, type_, nr, size)
@@ -212,3 +217,155 @@ def flag_names(flags: int, names: dict[int, str]) -> str:
 def vm_types_in(mask: int) -> list[int]:
     """The VM type numbers set in a `KVM_CAP_VM_TYPES` bitmask."""
     return [bit for bit in range(64) if mask & (1 << bit)]
+
+
+# --- vCPUs: include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h ---
+# Sizes and offsets below were checked with a C build against linux-libc-dev 6.1
+# (sizeof/offsetof), and `tests/test_kvm_vcpu.py` pins them.
+
+
+class KvmRegs(ctypes.Structure):
+    """`struct kvm_regs` (x86): the general registers, rip and rflags; 144 bytes."""
+
+    _fields_ = tuple(
+        (name, ctypes.c_uint64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+            "rip", "rflags",
+        )
+    )  # fmt: skip
+
+
+class KvmSegment(ctypes.Structure):
+    """`struct kvm_segment` (x86): a segment register's hidden state; 24 bytes."""
+
+    _fields_ = (
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8),
+    )
+
+
+class KvmDtable(ctypes.Structure):
+    """`struct kvm_dtable` (x86): GDTR/IDTR; 16 bytes."""
+
+    _fields_ = (
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint16),
+        ("padding", ctypes.c_uint16 * 3),
+    )
+
+
+class KvmSregs(ctypes.Structure):
+    """`struct kvm_sregs` (x86): segments, descriptor tables, control registers; 312 bytes."""
+
+    _fields_ = (
+        ("cs", KvmSegment),
+        ("ds", KvmSegment),
+        ("es", KvmSegment),
+        ("fs", KvmSegment),
+        ("gs", KvmSegment),
+        ("ss", KvmSegment),
+        ("tr", KvmSegment),
+        ("ldt", KvmSegment),
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        ("cr0", ctypes.c_uint64),
+        ("cr2", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64),
+        ("cr8", ctypes.c_uint64),
+        ("efer", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("interrupt_bitmap", ctypes.c_uint64 * 4),  # (KVM_NR_INTERRUPTS + 63) / 64
+    )
+
+
+class KvmPreFaultMemory(ctypes.Structure):
+    """`struct kvm_pre_fault_memory` (kvm.h, 6.10): 64 bytes; gpa/size are updated in place."""
+
+    _fields_ = (
+        ("gpa", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("padding", ctypes.c_uint64 * 5),
+    )
+
+
+class KvmMemoryAttributes2(ctypes.Structure):
+    """`struct kvm_memory_attributes2` of the in-place conversion RFC (not merged): 64 bytes.
+
+    research/interfaces.md section 5: `KVM_SET_MEMORY_ATTRIBUTES2` on a
+    guest_memfd fd, "[PATCH RFC v4 00/44] guest_memfd: In-place conversion".
+    """
+
+    _fields_ = (
+        ("address", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("attributes", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 4),
+    )
+
+
+KVM_GET_VCPU_MMAP_SIZE = io(KVMIO, 0x04)  # system; size of the kvm_run mapping
+KVM_CREATE_VCPU = io(KVMIO, 0x41)  # VM fd; arg = vCPU id; returns a vCPU fd
+KVM_SET_TSS_ADDR = io(KVMIO, 0x47)  # VM fd; VMX needs it for real mode, harmless on SVM
+KVM_RUN = io(KVMIO, 0x80)  # vCPU fd
+KVM_GET_REGS = ior(KVMIO, 0x81, ctypes.sizeof(KvmRegs))
+KVM_SET_REGS = iow(KVMIO, 0x82, ctypes.sizeof(KvmRegs))
+KVM_GET_SREGS = ior(KVMIO, 0x83, ctypes.sizeof(KvmSregs))
+KVM_SET_SREGS = iow(KVMIO, 0x84, ctypes.sizeof(KvmSregs))
+KVM_PRE_FAULT_MEMORY = iowr(KVMIO, 0xD5, ctypes.sizeof(KvmPreFaultMemory))  # vCPU fd
+# RFC only (see KvmMemoryAttributes2); 0xd6 is also claimed by an ARM proposal.
+KVM_SET_MEMORY_ATTRIBUTES2 = iowr(KVMIO, 0xD6, ctypes.sizeof(KvmMemoryAttributes2))
+
+CAPS["KVM_CAP_SET_TSS_ADDR"] = 4
+KVM_CAP_PRE_FAULT_MEMORY = CAPS["KVM_CAP_PRE_FAULT_MEMORY"]
+KVM_CAP_MEMORY_FAULT_INFO = CAPS["KVM_CAP_MEMORY_FAULT_INFO"]
+
+# `struct kvm_run`: the fixed head, then a union of per-exit structs at offset 32.
+RUN_IMMEDIATE_EXIT = 1  # __u8 immediate_exit (immediate_exit__unsafe in 6.13+)
+RUN_EXIT_REASON = 8  # __u32 exit_reason
+RUN_UNION = 32
+# exit_reason values (enum in kvm.h).
+EXIT_REASONS: dict[int, str] = {
+    0: "UNKNOWN",
+    1: "EXCEPTION",
+    2: "IO",
+    3: "HYPERCALL",
+    4: "DEBUG",
+    5: "HLT",
+    6: "MMIO",
+    8: "SHUTDOWN",
+    9: "FAIL_ENTRY",
+    10: "INTR",
+    17: "INTERNAL_ERROR",
+    24: "SYSTEM_EVENT",
+    39: "MEMORY_FAULT",
+}
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_MEMORY_FAULT = 39
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+# kvm_run.memory_fault.flags (kvm.h): the access was to private memory.
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+# x86 control register bits (Intel SDM vol. 3 2.5; AMD APM vol. 2 3.1).
+X86_CR0_PE = 1 << 0
