@@ -94,6 +94,8 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
     test_ended: float | None = None
     #: The finish phase ran (its verdicts are in); tearDown then only releases.
     finished: bool = False
+    #: The host lock `meminfo`, held from `take_host_lock()` until tearDown.
+    host_lock: HostLock | None = None
 
     def setUp(self) -> None:
         self.evidence_dir = Path(self.outputdir)
@@ -112,10 +114,10 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
     # --- the finish phase: end-of-test invariants, judged before avocado's tearDown ------
 
     def _run_test(self) -> None:
-        """avocado's setUp + test, then `finish()`; the status follows outcome.decide.
+        """avocado's setUp + test, then `end_of_test()`; the status follows outcome.decide.
 
         Overrides avocado.core.test.Test._run_test (avocado 113): a verdict that fails
-        in `finish` is a FAIL (tearDown's exceptions would be ERRORs replacing it).
+        in `end_of_test` is a FAIL (tearDown's exceptions would be ERRORs replacing it).
         """
         raised: BaseException | None = None
         try:
@@ -127,7 +129,7 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
             assert raised is not None
             raise raised
         try:
-            self.finish()
+            self.end_of_test()
         except Exception as exc:  # the harness broke while judging: ERROR unless a verdict failed
             self.log.exception("the finish phase could not complete")
             if raised is None:
@@ -143,7 +145,7 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
         if outcome.status == "WARN":
             raise avocado_exceptions.TestWarn(outcome.reason)
 
-    def finish(self) -> None:
+    def end_of_test(self) -> None:
         """End-of-test invariants; subclasses judge theirs, then call this (H8 last)."""
         if self.test_ended is None:
             self.test_ended = now()
@@ -155,7 +157,7 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
         self.record(host_log_verdict(delta, "host kernel log is clean through the end of the test"))
 
     def tearDown(self) -> None:
-        """Release what is left and keep the evidence; never judges (see `finish`)."""
+        """Release what is left and keep the evidence; never judges (see `end_of_test`)."""
         try:
             host_log = getattr(self, "host_log", None)
             if host_log is not None:
@@ -166,6 +168,9 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
             timeline = getattr(self, "timeline", None)
             if timeline is not None:
                 timeline.close()
+            if self.host_lock is not None:
+                self.host_lock.release()
+                self.host_lock = None
 
     # --- helpers for scenarios ----------------------------------------------------
 
@@ -191,6 +196,23 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
                     "orchestrator.qemu.spec.MACHINE_KEYS; this scenario also reads: "
                     f"{', '.join(sorted(self.scenario_keys)) or 'nothing else'}"
                 )
+
+    def take_host_lock(self, timeout: float) -> None:
+        """Hold the host lock `meminfo` until tearDown: the one place a test takes it.
+
+        Tests that judge host-wide counters take it once their tiers are known present
+        (no queueing only to CANCEL) and before they boot or allocate (a guest booting
+        next door moves the counters by hundreds of MiB). Another holder past `timeout`
+        seconds is a CANCEL naming the lock."""
+        if self.host_lock is not None:
+            return
+        lock = HostLock("meminfo", timeout=timeout)
+        try:
+            lock.acquire()
+        except HostError as error:
+            self.cancel(str(error))
+        self.host_lock = lock
+        self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
 
     def require_tiers(self, *tiers: str) -> None:
         """CANCEL with the probe's reason unless every tier is available."""
@@ -310,7 +332,7 @@ class MachineScenario(Scenario):
     def stop_observers(self) -> None:
         """Stop followers and close files the test opened (before H9 counts fds); idempotent."""
 
-    def finish(self) -> None:
+    def end_of_test(self) -> None:
         """G3 (crash or guest log), shutdown, H9 (teardown left nothing), then H8."""
         self.test_ended = now()
         self.stop_observers()
@@ -326,7 +348,7 @@ class MachineScenario(Scenario):
                 except QemuError:
                     pid = None
                 self.record(teardown_verdict(watch.observe(pid, machine.rundir)))
-        super().finish()
+        super().end_of_test()
 
     def _judge_guest_at_end(self, machine: Machine) -> None:
         """G3 at the end: the console's crash report, else the guest's kernel log."""
@@ -426,7 +448,6 @@ class MemoryScenario(MachineScenario):
     #: Seconds to wait for another measuring test to finish.
     lock_timeout: ClassVar[float] = 200.0
 
-    lock: HostLock | None
     backing: BackingProbe
     counter: str
     helper: MemHelper
@@ -438,7 +459,6 @@ class MemoryScenario(MachineScenario):
         return params
 
     def setUp(self) -> None:
-        self.lock = None
         super().setUp()
         self.backing = BackingProbe(
             self.machine.qmp, self.machine.pid, self.measured_memdev, timeline=self.timeline
@@ -455,13 +475,7 @@ class MemoryScenario(MachineScenario):
         short = hugetlb_shortfall(self.spec, dict(sample_meminfo().values))
         if short:
             self.cancel(short)
-        lock = HostLock("meminfo", timeout=self.lock_timeout)
-        try:
-            lock.acquire()
-        except HostError as error:
-            self.cancel(str(error))
-        self.lock = lock
-        self.log.info("host lock %s after %.1f s", lock.path, lock.waited)
+        self.take_host_lock(self.lock_timeout)
 
     def stop_observers(self) -> None:
         trace = getattr(self, "trace", None)
@@ -470,13 +484,8 @@ class MemoryScenario(MachineScenario):
         super().stop_observers()
 
     def tearDown(self) -> None:
-        try:
-            self.stop_observers()
-            super().tearDown()
-        finally:
-            if getattr(self, "lock", None) is not None:
-                assert self.lock is not None
-                self.lock.release()
+        self.stop_observers()
+        super().tearDown()
 
     def settled_backing(self, what: str, **kwargs: Any) -> BackingSample:
         """What the host holds for `measured_memdev`, once it stops moving (within 1 MiB)."""

@@ -29,17 +29,15 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
-from orchestrator.invariants.verdict import Tolerance, holds, within
-from orchestrator.memory.balloon import guest_ram_size, set_balloon
-from orchestrator.memory.expectations import (
+from orchestrator.invariants.host_memory import (
     DROP_TOLERANCE,
     discard_verdict,
     drop_verdicts,
-    expect_discard,
-    expected_host_move,
     host_verdict,
-    kib,
 )
+from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.memory.balloon import guest_ram_size, set_balloon
+from orchestrator.memory.expectations import expect_discard, expected_host_move, kib
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.scenario import MemoryScenario
 from orchestrator.units import MiB

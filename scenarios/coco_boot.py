@@ -24,8 +24,9 @@ On the host:
 from __future__ import annotations
 
 from orchestrator.guest.coco import EXPECTED, read_guest_coco
+from orchestrator.invariants.conversions import gmem_covers_ram_verdict
 from orchestrator.invariants.verdict import holds, not_applicable
-from orchestrator.memory.conversions import gmem_covers_ram_verdict, sample_gmem
+from orchestrator.memory.conversions import sample_gmem
 from orchestrator.qemu.spec import SnpGuest, TdxGuest
 from orchestrator.scenario import MachineScenario
 
@@ -56,14 +57,8 @@ class CocoBoot(MachineScenario):
                 features=coco.features,
             )
         )
-        self.check(
-            holds(
-                "G1",
-                f"cpuinfo carries {', '.join(expected['flags'])}",
-                not coco.missing_flags(platform),
-                missing=coco.missing_flags(platform),
-            )
-        )
+        what, ok, details = coco.cpu_evidence(platform)  # SNP: SEV_STATUS, not cpuinfo
+        self.check(holds("G1", what, ok, **details))
         self.check(
             holds(
                 "G1",

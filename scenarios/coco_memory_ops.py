@@ -34,15 +34,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from orchestrator.errors import HostError, LaunchError
+from orchestrator.errors import LaunchError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
-from orchestrator.host.hostlock import HostLock
 from orchestrator.host.meminfo import meminfo_field
 from orchestrator.host.settle import settle
+from orchestrator.invariants.host_memory import discard_verdict
 from orchestrator.invariants.verdict import Tolerance, holds, within
 from orchestrator.memory.balloon import guest_ram_size, set_balloon
 from orchestrator.memory.conversions import ConversionObserver, kib
-from orchestrator.memory.expectations import discard_verdict
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.host_punch import HostPuncher, allocated_bytes, borrowed_fd
 from orchestrator.memory.virtio_mem import resize
@@ -76,7 +75,6 @@ class _CocoMemoryScenario(MachineScenario):
     timeout = 900
     boot_timeout = 300.0
     extra_machine: ClassVar[Mapping[str, Any]] = {}
-    lock: HostLock | None = None
 
     def machine_params(self) -> dict[str, Any]:
         params = super().machine_params()
@@ -94,24 +92,13 @@ class _CocoMemoryScenario(MachineScenario):
     def hold_host_lock(self) -> None:
         """Host-wide counters are judged: once the tiers are there, hold the lock from
         before the boot (a guest booting next door moves them by hundreds of MiB)."""
-        lock = HostLock("meminfo", timeout=LOCK_TIMEOUT)
-        try:
-            lock.acquire()
-        except HostError as error:
-            self.cancel(str(error))
-        self.lock = lock
+        self.take_host_lock(LOCK_TIMEOUT)
 
     def start_guest(self) -> None:
         super().setUp()
         if self.spec.confidential is None:
             self.cancel("this scenario needs a confidential variant (confidential=tdx|snp)")
 
-    def tearDown(self) -> None:
-        try:
-            super().tearDown()
-        finally:
-            if self.lock is not None:
-                self.lock.release()
 
     def unevictable(self) -> int:
         return settle(

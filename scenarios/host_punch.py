@@ -217,7 +217,7 @@ class HostPunch(MachineScenario):
         except MemoryOpError as error:
             refused = str(error)
         self.check(
-            holds("H3", "a punch of a share=off backend is refused with a clear error",
+            holds("S1", "cvmlab refuses a punch of a share=off backend, with a clear error",
                   "mapped private" in refused, error=refused)
         )  # fmt: skip
         records = puncher.punch_pages(gpas, hold.page_size, allow_private=True)
@@ -245,8 +245,8 @@ class HostPunch(MachineScenario):
             refused = str(error)
         self.check(
             holds(
-                "H3",
-                "anonymous guest RAM cannot be punched from outside QEMU: refused, saying why",
+                "S1",
+                "cvmlab refuses to punch anonymous guest RAM from outside QEMU, saying why",
                 "anonymous memory" in refused and "process_madvise" in refused,
                 error=refused,
             )
@@ -288,6 +288,7 @@ class HostPunchKernelMemory(MachineScenario):
             self.cancel(f"needs a shared memfd or file backend, not {self.spec.backend}")
 
     def test_punching_kernel_data_kills_the_guest_and_spares_the_host(self) -> None:
+        self.expect_guest_crash("the test punches the guest kernel's data and judges the crash")
         iomem = self.guest.run(["cat", "/proc/iomem"], timeout=30).stdout
         match = _KERNEL_DATA.search(iomem)
         if match is None:
@@ -334,7 +335,8 @@ class HostPunchKernelMemory(MachineScenario):
         )
         self.check_host_log_clean()
 
-    def _save_guest_dmesg(self) -> None:
+    def _save_guest_dmesg(self) -> str | None:
         # The guest is dead on purpose: there is no dmesg to fetch.
         if self.machine.running and self.machine.crashed is None:
-            super()._save_guest_dmesg()
+            return super()._save_guest_dmesg()
+        return None

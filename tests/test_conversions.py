@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from qemu_process import RunningQemu, started_qemu
 
 from orchestrator.errors import QemuError
+from orchestrator.invariants.conversions import conversion_verdicts
 from orchestrator.memory.conversions import (
     CONVERSION_EVENTS,
     ConversionCounts,
@@ -30,7 +31,6 @@ from orchestrator.memory.conversions import (
     ConversionObserver,
     RangeStates,
     available_events,
-    conversion_verdicts,
     gmem_fds,
     guest_asked,
     parse_line,

@@ -22,6 +22,7 @@ from qemu_process import started_qemu
 from orchestrator.errors import MemoryOpError
 from orchestrator.host.settle import Settled
 from orchestrator.image import ImageManifest
+from orchestrator.invariants.host_memory import DROP_TOLERANCE, drop_verdicts, host_verdict
 from orchestrator.invariants.verdict import Tolerance
 from orchestrator.memory.backing import BackendInfo, BackingSample, held_bytes
 from orchestrator.memory.balloon import (
@@ -33,12 +34,9 @@ from orchestrator.memory.balloon import (
     set_balloon,
 )
 from orchestrator.memory.expectations import (
-    DROP_TOLERANCE,
-    drop_verdicts,
     expect_discard,
     expected_host_move,
     host_move,
-    host_verdict,
     hugetlb_shortfall,
 )
 from orchestrator.memory.guest_view import parse_guest_memory
@@ -400,7 +398,7 @@ def settled(value: int, ok: bool = True) -> Settled:
     return Settled(value, ok, (value,) * 3, 0.5)
 
 
-def test_host_verdict_judges_only_settled_counters() -> None:
+def test_host_verdict_judges_only_settled_counters_and_an_unsettled_one_is_incomplete() -> None:
     # HugePages_Free counts up when pages are freed.
     judged = host_verdict(
         "H2", "x", "HugePages_Free", 128 * MiB, settled(100 * MiB), settled(228 * MiB)
@@ -409,7 +407,7 @@ def test_host_verdict_judges_only_settled_counters() -> None:
     moving = host_verdict(
         "H2", "x", "HugePages_Free", 128 * MiB, settled(100 * MiB), settled(1, False)
     )
-    assert moving.status == "not-applicable" and "did not settle" in moving.summary
+    assert moving.status == "incomplete" and "did not settle" in moving.summary
 
 
 def test_host_verdict_fails_when_the_host_kept_the_memory() -> None:
@@ -580,7 +578,7 @@ def _guest_commands(evidence: Path) -> list[str]:
 
 
 def test_discard_verdict_passes_only_on_exactly_the_expected_bytes() -> None:
-    from orchestrator.memory.expectations import discard_verdict
+    from orchestrator.invariants.host_memory import discard_verdict
 
     exact = discard_verdict("x", 128 * MiB, 128 * MiB, 0)
     assert exact.status == "pass" and exact.expected == exact.seen == 128 * 1024

@@ -30,8 +30,8 @@ space (11.1) with `-msg timestamp=on`; scripts/tracetool/backend/log.py):
 `ConversionLedger` turns lines into counts (`ConversionCounts`: bytes and requests per
 direction, per cause, discards of the shared half) and remembers, per GPA range, the
 direction of the last conversion (`RangeStates`), which is what "no GPA backed twice"
-(H2) is judged on. `conversion_verdicts` compares the counts with what the guest's
-driver reported (`orchestrator.guest.convert.ConversionResult`).
+(H2) is judged on. `orchestrator.invariants.conversions` judges the counts against
+what the guest's driver reported (`orchestrator.guest.convert.ConversionResult`).
 
 Line prefixes, the two discard names, switching events on (by `EventGroup`: names a
 QEMU lacks are skipped, a required group with none is an error) and following the
@@ -63,7 +63,6 @@ from typing import Any, Literal, Protocol
 from orchestrator.errors import MemoryOpError
 from orchestrator.host.fdalloc import GMEM_MARKER, open_fds
 from orchestrator.host.meminfo import sample_meminfo
-from orchestrator.invariants.verdict import Tolerance, Verdict, holds, within
 from orchestrator.qemu.trace import (
     DISCARD_EVENTS,
     DISCARD_GROUP,
@@ -404,82 +403,6 @@ def kib(nbytes: float) -> int:
     return round(nbytes / 1024)
 
 
-def conversion_verdicts(
-    asked: GuestAsked, seen: ConversionCounts, allowance: int = 0, invariant: str = "G2"
-) -> list[Verdict]:
-    """The guest's conversions against QEMU's trace over the same window.
-
-    - Explicit conversions (hypercalls) per direction cover what the guest asked, and
-      exceed it by at most `allowance` bytes (conversions of the rest of the guest
-      kernel, e.g. a driver's dma_alloc_coherent, in the same window).
-    - Each guest call reached QEMU as at least one hypercall (KVM splits TDX MapGPA in
-      2 MiB pieces; SNP PSC in runs of 2M/4K entries).
-    - QEMU converted every request: convert bytes = hypercall + fault bytes per direction.
-    - Every conversion to private discarded the shared half (H2): discarded = to_private.
-    - No discard failed (H2).
-    """
-    tolerance = Tolerance(absolute=kib(allowance) / 2)
-    verdicts: list[Verdict] = []
-    for way, want, got, calls, hypercalls in (
-        ("shared", asked.to_shared, seen.hypercall_to_shared, asked.calls_to_shared,
-         seen.hypercalls_to_shared),
-        ("private", asked.to_private, seen.hypercall_to_private, asked.calls_to_private,
-         seen.hypercalls_to_private),
-    ):  # fmt: skip
-        # Centre the window on want + allowance/2, so [want, want + allowance] passes.
-        verdicts.append(
-            within(
-                invariant,
-                f"QEMU saw the guest's conversions to {way}: KVM_HC_MAP_GPA_RANGE covered the "
-                f"{kib(want)} KiB the driver converted (plus at most {kib(allowance)} KiB of "
-                "the rest of the guest)",
-                expected=kib(want + allowance / 2),
-                seen=kib(got),
-                tolerance=tolerance,
-                unit="KiB",
-                asked=kib(want),
-                allowance=kib(allowance),
-            )
-        )
-        verdicts.append(
-            holds(
-                invariant,
-                f"each of the driver's {calls} calls to {way} reached QEMU as at least one "
-                "hypercall",
-                hypercalls >= calls,
-                calls=calls,
-                hypercalls=hypercalls,
-            )
-        )
-    verdicts.append(
-        holds(
-            invariant,
-            "QEMU converted every request: kvm_convert_memory bytes = hypercall + memory-fault "
-            "bytes, per direction",
-            seen.to_private == seen.hypercall_to_private + seen.fault_to_private
-            and seen.to_shared == seen.hypercall_to_shared + seen.fault_to_shared,
-            counts=seen.to_json(),
-        )
-    )
-    verdicts.append(
-        within(
-            "H2",
-            "every conversion to private discarded the shared half (ram_block_discard_* "
-            "bytes = shared_to_private bytes)",
-            expected=kib(seen.to_private),
-            seen=kib(seen.shared_discarded),
-            tolerance=Tolerance(),
-            unit="KiB",
-            discards=seen.shared_discards,
-        )
-    )
-    verdicts.append(
-        holds("H2", "no discard of the shared half failed", seen.failed_discards == 0,
-              failed_discards=seen.failed_discards)
-    )  # fmt: skip
-    return verdicts
-
-
 # --- following QEMU's trace ---------------------------------------------------------------------
 
 
@@ -637,17 +560,6 @@ def sample_gmem(pid: int, proc: str = "/proc", meminfo: str = "/proc/meminfo") -
     return GmemSample(at, fds, info["Unevictable"], info["Cached"])
 
 
-def gmem_covers_ram_verdict(sample: GmemSample, guest_ram: int) -> Verdict:
-    """QEMU backs guest RAM with guest_memfd: its kvm-gmem fds add up to at least the RAM."""
-    return holds(
-        "G1",
-        f"QEMU holds guest_memfd fds covering the guest's {guest_ram // 2**20} MiB of RAM "
-        f"({len(sample.fds)} fds, {sample.total_size // 2**20} MiB)",
-        bool(sample.fds) and sample.total_size >= guest_ram,
-        fds=[dataclasses.asdict(f) for f in sample.fds],
-    )
-
-
 # --- the shared half: is it a hole where the guest's memory is private? -------------------------
 
 
@@ -732,9 +644,7 @@ __all__ = [
     "HoleReport",
     "RangeStates",
     "available_events",
-    "conversion_verdicts",
     "enable_conversion_events",
-    "gmem_covers_ram_verdict",
     "gmem_fds",
     "guest_asked",
     "parse_event",
