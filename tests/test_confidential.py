@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import CvmlabError, HostError, SpecError
+from orchestrator.host.ovmf import AMDSEV_HASHES_AREA, ovmf_like
 from orchestrator.host.probe import HostProbe, probe_host
 from orchestrator.qemu.argv import confidential_object
 from orchestrator.qemu.confidential import (
@@ -37,6 +38,7 @@ from orchestrator.qemu.confidential import (
     parse_cpu_list,
     prepare_confidential,
     query_sev_capabilities,
+    quote_service_problem,
     required_tiers,
     resolve_firmware,
     sev_host_problems,
@@ -88,12 +90,24 @@ def child_pids() -> list[str]:
     return pids
 
 
+# Firmware stand-ins: a file written as "ovmf" is an AmdSev build (a real SEV hashes area),
+# "tdvf" a generic x86-64 OVMF (TDVF and SEV metadata, hashes area 0/0): the probe and the
+# kernel-hashes decision read their tables (orchestrator/host/ovmf.py).
+FIRMWARE_IMAGES = {
+    "ovmf": ovmf_like(hashes_area=AMDSEV_HASHES_AREA),
+    "tdvf": ovmf_like(),
+}
+
+
 def fake_root(tmp_path: Path, files: dict[str, str] | None = None) -> Path:
     root = tmp_path / "root"
     for path, text in (files or {}).items():
         target = root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        if path.endswith(".fd") and text in FIRMWARE_IMAGES:
+            target.write_bytes(FIRMWARE_IMAGES[text])
+        else:
+            target.write_text(text)
     root.mkdir(exist_ok=True)
     return root
 
@@ -171,10 +185,11 @@ def test_cbitpos_that_differs_from_the_host_names_both_values() -> None:
     assert "cbitpos=51" in caught.value.fix
 
 
-def test_reduced_phys_bits_that_differs_from_the_host_names_both_values() -> None:
-    with pytest.raises(SpecError) as caught:
-        complete_sev_fields(SevGuest(reduced_phys_bits=5), MILAN)
-    assert "reduced_phys_bits=5" in caught.value.problem and "is 1" in caught.value.problem
+def test_reduced_phys_bits_given_is_kept_because_qemus_1_is_not_a_host_fact() -> None:
+    """target/i386/sev.c sev_get_capabilities always answers reduced-phys-bits 1 (a QEMU
+    constant), and QEMU accepts 1..63: a given value is not refused as "not the host's"."""
+    done = complete_sev_fields(SevGuest(reduced_phys_bits=5), MILAN)
+    assert (done.cbitpos, done.reduced_phys_bits) == (51, 5)
 
 
 # --- firmware --------------------------------------------------------------------------------
@@ -281,10 +296,15 @@ def test_td_phys_bits_must_equal_the_hosts() -> None:
     assert any("phys-bits=46" in p and "52" in p for p in problems)
 
 
-def test_td_quote_socket_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+def test_td_quote_socket_that_does_not_exist_is_a_host_error(tmp_path: Path) -> None:
+    """A stopped QGS is the host's missing capability (HostError -> CANCEL), not a FAIL."""
     tdx = TdxGuest(quote_generation_socket=QuoteGenerationSocket(type="unix", path="/run/qgs.sock"))
-    problems = tdx_problems(spec(tdx), tdx, QUIET_HOST, root=fake_root(tmp_path))
-    assert any("/run/qgs.sock" in p for p in problems)
+    root = fake_root(tmp_path, {"/usr/share/ovmf/OVMF.inteltdx.fd": "tdvf"})
+    problem = quote_service_problem(tdx.quote_generation_socket, root)
+    assert problem is not None and "/run/qgs.sock" in problem
+    with pytest.raises(HostError, match="quote generation") as caught:
+        prepare_confidential(spec(tdx), None, root=root, host=QUIET_HOST)
+    assert "qgsd" in caught.value.fix
 
 
 def test_snp_policy_without_smt_on_an_smt_host_is_refused() -> None:
@@ -340,7 +360,8 @@ def test_prepare_keeps_explicit_values_when_the_host_cannot_be_read(tmp_path: Pa
     root = fake_root(tmp_path, {"/usr/share/ovmf/OVMF.amdsev.fd": "ovmf"})
     given = spec(SnpGuest(cbitpos=47, reduced_phys_bits=1))
     done = prepare_confidential(given, None, root=root, host=QUIET_HOST)
-    assert done.confidential == given.confidential
+    # kernel_hashes comes from the AmdSev firmware's table; the values given are kept.
+    assert done.confidential == dataclasses.replace(given.confidential, kernel_hashes=True)
 
 
 def test_prepare_without_values_on_a_host_without_sev_is_a_host_error(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from orchestrator.errors import QemuError, SpecError
 from orchestrator.host import probe_cli
+from orchestrator.host.ovmf import AMDSEV_HASHES_AREA, ovmf_like
 from orchestrator.host.probe import (
     OVMF_SEV_METADATA_GUID,
     OVMF_TABLE_FOOTER_GUID,
@@ -31,6 +32,7 @@ from orchestrator.host.probe import (
     ovmf_guids,
     probe_host,
 )
+from orchestrator.kvm.facts import KvmFacts
 from orchestrator.qemu.introspect import QemuFacts, introspect_qemu
 from orchestrator.qemu.version import QemuVersion
 
@@ -137,7 +139,7 @@ def tdx_host(root: Path) -> Path:
         modules={"kvm": {}, "kvm_intel": {"tdx": "Y", "nested": "N"}},
         dev=("kvm",),
         flags="fpu vmx tdx_host_platform",
-        files={"/usr/share/ovmf/OVMF.inteltdx.fd": ovmf_image(TDX_METADATA_OFFSET_GUID)},
+        files={"/usr/share/ovmf/OVMF.inteltdx.fd": ovmf_like()},
     )
 
 
@@ -147,15 +149,25 @@ def snp_host(root: Path, sev_snp: str = "Y") -> Path:
         modules={"kvm": {}, "kvm_amd": {"sev": "Y", "sev_es": "Y", "sev_snp": sev_snp}},
         dev=("kvm", "sev"),
         flags="fpu svm sev sev_es sev_snp",
-        files={"/usr/share/ovmf/OVMF.amdsev.fd": ovmf_image(OVMF_SEV_METADATA_GUID)},
+        files={"/usr/share/ovmf/OVMF.amdsev.fd": ovmf_like(hashes_area=AMDSEV_HASHES_AREA)},
     )
+
+
+def lab_kvm(vm_types: int) -> KvmFacts:
+    """KVM facts as a lab host records them (research/interfaces.md section 7: an SNP host
+    reports KVM_CAP_VM_TYPES 0x1d, a TDX host 0x21); a fake tree's dev/kvm is a plain file."""
+    return KvmFacts("/dev/kvm", True, "", 12, {}, vm_types, 0, {})
+
+
+TDX_KVM = lab_kvm(0x21)
+SNP_KVM = lab_kvm(0x1D)
 
 
 # --- fake TDX host -----------------------------------------------------------------------------
 
 
 def test_tdx_host_with_qemu_11_1_offers_tdx_and_kvm(tmp_path: Path, qemu_11_1: QemuFacts) -> None:
-    probe = probe_host(root=tdx_host(tmp_path), qemu_facts=qemu_11_1)
+    probe = probe_host(root=tdx_host(tmp_path), qemu_facts=qemu_11_1, kvm_facts=TDX_KVM)
     assert probe.tiers["tdx"].available, probe.tiers["tdx"].reason
     assert probe.tiers["tdx"].evidence["firmware"] == "/usr/share/ovmf/OVMF.inteltdx.fd"
     assert "11.1.3" in probe.tiers["tdx"].reason
@@ -169,7 +181,8 @@ def test_tdx_host_with_qemu_10_0_says_qemu_is_too_old(tmp_path: Path, qemu_10: Q
     probe = probe_host(root=tdx_host(tmp_path), qemu_facts=qemu_10)
     reason = probe.tiers["tdx"].reason
     assert not probe.tiers["tdx"].available
-    assert str(qemu_10.version) in reason and "older than 10.1" in reason
+    assert str(qemu_10.version) in reason and "has no tdx-guest object" in reason
+    assert ">= 10.1" in reason
 
 
 def test_tdx_host_without_tdx_module_parameter(tmp_path: Path, qemu_11_1: QemuFacts) -> None:
@@ -182,7 +195,7 @@ def test_tdx_host_without_tdx_module_parameter(tmp_path: Path, qemu_11_1: QemuFa
 
 
 def test_tdx_host_is_not_an_snp_host(tmp_path: Path, qemu_11_1: QemuFacts) -> None:
-    probe = probe_host(root=tdx_host(tmp_path), qemu_facts=qemu_11_1)
+    probe = probe_host(root=tdx_host(tmp_path), qemu_facts=qemu_11_1, kvm_facts=TDX_KVM)
     reason = probe.tiers["snp"].reason
     assert not probe.tiers["snp"].available
     assert "kvm_amd is not loaded" in reason and "/dev/sev does not exist" in reason
@@ -200,7 +213,7 @@ def test_nested_tdx_host_is_reported_as_nested(tmp_path: Path, qemu_11_1: QemuFa
 
 
 def test_snp_host_with_qemu_10_0_offers_snp(tmp_path: Path, qemu_10: QemuFacts) -> None:
-    probe = probe_host(root=snp_host(tmp_path), qemu_facts=qemu_10)
+    probe = probe_host(root=snp_host(tmp_path), qemu_facts=qemu_10, kvm_facts=SNP_KVM)
     assert probe.tiers["snp"].available, probe.tiers["snp"].reason
     assert probe.tiers["snp"].evidence["kvm_amd.sev_snp"] == "Y"
     assert probe.tiers["snp"].evidence["firmware"] == "/usr/share/ovmf/OVMF.amdsev.fd"
@@ -218,8 +231,8 @@ def test_snp_host_with_a_qemu_older_than_9_1(tmp_path: Path, qemu_10: QemuFacts)
     old = dataclasses.replace(
         qemu_10, version=QemuVersion(9, 0), types=qemu_10.types - {"sev-snp-guest"}
     )
-    probe = probe_host(root=snp_host(tmp_path), qemu_facts=old)
-    assert "older than 9.1, which added sev-snp-guest" in probe.tiers["snp"].reason
+    probe = probe_host(root=snp_host(tmp_path), qemu_facts=old, kvm_facts=SNP_KVM)
+    assert "has no sev-snp-guest object (upstream QEMU >= 9.1" in probe.tiers["snp"].reason
 
 
 def test_snp_host_without_firmware_says_where_it_looked(tmp_path: Path, qemu_10: QemuFacts) -> None:
@@ -275,7 +288,7 @@ def test_missing_qemu_makes_tcg_unavailable_with_the_fix(tmp_path: Path) -> None
 def test_require_is_none_when_all_tiers_are_there_else_the_reasons(
     tmp_path: Path, qemu_10: QemuFacts
 ) -> None:
-    probe = probe_host(root=snp_host(tmp_path), qemu_facts=qemu_10)
+    probe = probe_host(root=snp_host(tmp_path), qemu_facts=qemu_10, kvm_facts=SNP_KVM)
     assert probe.require(["tcg", "snp"]) is None
     reason = probe.require(["snp", "tdx"])
     assert reason is not None
@@ -322,10 +335,8 @@ def test_generic_ovmf_is_taken_only_when_its_table_proves_tdx(tmp_path: Path) ->
     plain = fake_host(tmp_path / "a", files={"/usr/share/qemu/OVMF.fd": ovmf_image()})
     path, evidence = find_firmware("tdx", plain)
     assert path is None
-    assert "no TDX GUID" in evidence["rejected"][0]
-    tdvf = fake_host(
-        tmp_path / "b", files={"/usr/share/qemu/OVMF.fd": ovmf_image(TDX_METADATA_OFFSET_GUID)}
-    )
+    assert "no TDX metadata offset" in evidence["rejected"][0]
+    tdvf = fake_host(tmp_path / "b", files={"/usr/share/qemu/OVMF.fd": ovmf_like()})
     assert find_firmware("tdx", tdvf)[0] == "/usr/share/qemu/OVMF.fd"
 
 
@@ -367,7 +378,7 @@ def test_firmware_from_the_environment_is_used(
     (root / "lab").mkdir()
     (root / "lab/TDVF.fd").write_bytes(b"tdvf")
     monkeypatch.setenv("CVMLAB_TDX_FIRMWARE", "/lab/TDVF.fd")
-    probe = probe_host(root=root, qemu_facts=qemu_11_1)
+    probe = probe_host(root=root, qemu_facts=qemu_11_1, kvm_facts=TDX_KVM)
     assert probe.tiers["tdx"].available, probe.tiers["tdx"].reason
     assert probe.tiers["tdx"].evidence["firmware_search"]["source"] == "override"
 

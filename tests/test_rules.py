@@ -195,7 +195,7 @@ REFUSALS: list[tuple[str, MachineSpec, str]] = [
     ("snp-blob-size", snp(host_data="**"), "host-data is not base64"),
     ("snp-blob-size", snp(guest_visible_workarounds=b64(8)), "guest-visible-workarounds"),
     ("snp-policy-bits", snp(policy=0x30000 | 1 << 18), "MIGRATE_MA"),
-    ("snp-policy-bits", snp(policy=0x30000 | 1 << 40), "beyond bit 25"),
+    ("snp-policy-bits", snp(policy=0x30000 | 1 << 40), "beyond bit 20"),
     (
         "sev-policy",
         dataclasses.replace(

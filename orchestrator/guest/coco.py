@@ -6,7 +6,14 @@ G1 ("the guest is what was asked for") from inside the guest, as the anchors che
 - the kernel's line "Memory Encryption Features active: Intel TDX" or
   "...: AMD SEV SEV-ES SEV-SNP" (arch/x86/mm/mem_encrypt.c print_mem_encrypt_feature_info;
   older kernels print "AMD " before the list);
-- /proc/cpuinfo flags `tdx_guest`, or `sev sev_es sev_snp`;
+- TDX: the /proc/cpuinfo flag `tdx_guest` (set by tdx_early_init and kept);
+- SEV-SNP: the SEV_STATUS MSR (0xC0010131: bit 0 SEV, 1 SEV-ES, 2 SEV-SNP; AMD APM vol. 2,
+  15.34.10), read through /dev/cpu/0/msr when the `msr` module is there, else as the kernel
+  printed it at boot ("SEV: Status: SEV SEV-ES SEV-SNP ...", arch/x86/coco/sev sev_show_status,
+  Linux >= 6.9). Not cpuinfo: Linux clears X86_FEATURE_SEV_SNP in every guest
+  (arch/x86/kernel/cpu/amd.c bsp_determine_snp: the `hypervisor` flag disables it) and the
+  guest's sev/sev_es flags depend on what the hypervisor's CPUID and MSRs show, so their
+  absence says nothing about an SNP guest;
 - the attestation device /dev/tdx_guest or /dev/sev-guest (modules tdx_guest /
   sev_guest, loaded on demand: the default image ships them unloaded);
 - a configfs-tsm report (Documentation/ABI/testing/configfs-tsm): write 64 bytes to
@@ -41,14 +48,24 @@ _FEATURES = re.compile(r"Memory Encryption Features active:\s*(?P<features>.*)$"
 EXPECTED: Mapping[str, Mapping[str, Any]] = {
     "tdx": {"flags": ("tdx_guest",), "device": "/dev/tdx_guest", "module": "tdx_guest",
             "provider": "tdx_guest"},
-    "sev-snp": {"flags": ("sev", "sev_es", "sev_snp"), "device": "/dev/sev-guest",
-                "module": "sev_guest", "provider": "sev_guest"},
+    "sev-snp": {"flags": (), "sev_status": ("SEV", "SEV-ES", "SEV-SNP"),
+                "device": "/dev/sev-guest", "module": "sev_guest", "provider": "sev_guest"},
 }  # fmt: skip
+MSR_AMD64_SEV = 0xC0010131
+# SEV_STATUS bits 0, 1, 2 and the names sev_show_status() prints for them.
+SEV_STATUS_BITS = {"SEV": 1 << 0, "SEV-ES": 1 << 1, "SEV-SNP": 1 << 2}
 
 # Markers the script prints before each section; values on the same line.
 _SCRIPT = r"""
 echo "@features $(dmesg | grep -m1 'Memory Encryption Features active' | sed 's/.*active: *//')"
 echo "@flags $(grep -m1 '^flags' /proc/cpuinfo | sed 's/^flags[[:space:]]*: *//')"
+echo "@sevstatus $(dmesg | grep -m1 'SEV: Status:' | sed 's/.*Status: *//')"
+modprobe msr >/dev/null 2>&1
+if [ -e /dev/cpu/0/msr ]; then
+    v=$(dd if=/dev/cpu/0/msr bs=8 count=1 skip=3221291313 iflag=skip_bytes 2>/dev/null \
+        | od -An -tx8 | tr -d ' \n')
+    echo "@msr ${v:-unreadable}"
+fi
 if [ -n "$1" ]; then modprobe "$1" >/dev/null 2>&1; fi
 for d in /dev/tdx_guest /dev/sev-guest; do [ -e "$d" ] && echo "@device $d"; done
 grep -q ' /sys/kernel/config ' /proc/mounts \
@@ -91,6 +108,8 @@ class GuestCoco:
     report: bytes | None  # configfs-tsm outblob
     nonce: bytes
     errors: tuple[str, ...] = field(default=())
+    sev_status_line: str = ""  # names after "SEV: Status:" in the guest's kernel log
+    sev_status_msr: int | None = None  # SEV_STATUS read through /dev/cpu/0/msr
 
     @property
     def platform(self) -> Platform:
@@ -105,11 +124,52 @@ class GuestCoco:
     def missing_flags(self, platform: str) -> list[str]:
         return [f for f in EXPECTED.get(platform, {}).get("flags", ()) if f not in self.flags]
 
+    @property
+    def sev_status(self) -> int | None:
+        """SEV_STATUS bits 0-2: from the MSR when read, else from the kernel's Status line."""
+        if self.sev_status_msr is not None:
+            return self.sev_status_msr
+        if not self.sev_status_line:
+            return None
+        words = set(self.sev_status_line.split())
+        return sum(bit for name, bit in SEV_STATUS_BITS.items() if name in words)
+
+    def cpu_evidence(self, platform: str) -> tuple[str, bool, dict[str, Any]]:
+        """(what, holds, details) of the CPU-level G1 evidence for `platform`: the
+        `tdx_guest` flag for TDX; SEV_STATUS bits SEV, SEV-ES and SEV-SNP for SEV-SNP.
+        No SEV_STATUS at all (no msr module, a kernel older than 6.9) does not hold:
+        missing evidence is never a pass."""
+        if platform != "sev-snp":
+            flags = EXPECTED.get(platform, {}).get("flags", ())
+            missing = self.missing_flags(platform)
+            return f"cpuinfo carries {', '.join(flags)}", not missing, {"missing": missing}
+        status = self.sev_status
+        source = (
+            f"MSR {MSR_AMD64_SEV:#x}" if self.sev_status_msr is not None
+            else "the kernel's 'SEV: Status:' line" if self.sev_status_line
+            else "nowhere (no /dev/cpu/0/msr, no 'SEV: Status:' line)"
+        )  # fmt: skip
+        wanted = sum(SEV_STATUS_BITS.values())
+        ok = status is not None and status & wanted == wanted
+        details = {
+            "sev_status": None if status is None else hex(status),
+            "source": source,
+            "cpuinfo_sev_flags": sorted(self.flags & {"sev", "sev_es", "sev_snp"}),
+        }
+        return (
+            f"SEV_STATUS ({MSR_AMD64_SEV:#x}) has SEV, SEV-ES and SEV-SNP set (read from "
+            f"{source})",
+            ok,
+            details,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "features": self.features,
             "platform": self.platform,
             "coco_flags": sorted(self.flags & {"tdx_guest", "sev", "sev_es", "sev_snp"}),
+            "sev_status": None if self.sev_status is None else hex(self.sev_status),
+            "sev_status_line": self.sev_status_line,
             "devices": list(self.devices),
             "tsm_provider": self.tsm_provider,
             "report_bytes": len(self.report) if self.report is not None else None,
@@ -146,6 +206,8 @@ def parse_coco_report(text: str, nonce: bytes) -> GuestCoco:
     provider: str | None = None
     report: bytes | None = None
     errors: list[str] = []
+    status_line = ""
+    msr: int | None = None
     for line in text.splitlines():
         key, _, value = line.partition(" ")
         value = value.strip()
@@ -164,7 +226,16 @@ def parse_coco_report(text: str, nonce: bytes) -> GuestCoco:
                 errors.append(f"outblob is not hex: {value[:40]!r}")
         elif key == "@error":
             errors.append(value)
-    return GuestCoco(features, flags, tuple(devices), provider, report, nonce, tuple(errors))
+        elif key == "@sevstatus":
+            status_line = value
+        elif key == "@msr":
+            try:
+                msr = int(value, 16)
+            except ValueError:
+                errors.append(f"SEV_STATUS MSR: {value or 'no output'}")
+    return GuestCoco(
+        features, flags, tuple(devices), provider, report, nonce, tuple(errors), status_line, msr
+    )
 
 
 def read_guest_coco(shell: Shell, module: str | None = None, timeout: float = 60.0) -> GuestCoco:

@@ -21,7 +21,6 @@ import os
 import selectors
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator.errors import CvmlabError, QemuError, SpecError
+from orchestrator.host import coco_host, ovmf
+from orchestrator.host.ovmf import FirmwareTable, read_firmware
 from orchestrator.qemu.introspect import DEFAULT_BINARY, QemuFacts, introspect_qemu
 from orchestrator.qemu.version import feature
 
@@ -70,11 +71,11 @@ SNP_FIRMWARE_NAMES = ("OVMF.amdsev.fd",)
 FIRMWARE_DESCRIPTOR_DIRS = ("/etc/qemu/firmware", "/usr/share/qemu/firmware")
 
 # OVMF's GUIDed table at the end of the flash image (QEMU pc_sysfw_ovmf.c).
-OVMF_TABLE_FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
-# TDVF metadata (QEMU hw/i386/tdvf.c): present in every TDX-capable build.
-TDX_METADATA_OFFSET_GUID = uuid.UUID("e47a6535-984a-4798-865e-4685a7bf8ec2")
+OVMF_TABLE_FOOTER_GUID = ovmf.TABLE_FOOTER_GUID
+# TDVF metadata (QEMU hw/i386/tdvf.c): points at the sections QEMU loads for a TD.
+TDX_METADATA_OFFSET_GUID = ovmf.TDX_METADATA_OFFSET_GUID
 # SEV metadata (pages to pre-validate): what QEMU needs to launch an SNP guest.
-OVMF_SEV_METADATA_GUID = uuid.UUID("dc886566-984a-4798-a75e-5585a7bf67cc")
+OVMF_SEV_METADATA_GUID = ovmf.SEV_METADATA_GUID
 
 FirmwareKind = Literal["tdx", "snp"]
 # Where a lab names its firmware for every probe (scenarios included) without code.
@@ -230,34 +231,29 @@ def ovmf_guids(path: Path) -> set[uuid.UUID] | None:
 
     Layout (QEMU hw/i386/pc_sysfw_ovmf.c): the table ends 32 bytes before the end
     of the image with a footer entry (u16 total length, footer GUID); each entry
-    before it ends with its own (u16 length, GUID), data in front.
+    before it ends with its own (u16 length, GUID), data in front. The parsing, and
+    what the entries point at, is `orchestrator.host.ovmf`.
     """
-    try:
-        with path.open("rb") as image:
-            size = image.seek(0, os.SEEK_END)
-            if size < 50:
-                return None
-            tail_len = min(size, 64 * 1024)
-            image.seek(size - tail_len)
-            tail = image.read(tail_len)
-    except OSError:
+    table = read_firmware(path)
+    return None if table is None else table.guids
+
+
+def _firmware_fit(kind: FirmwareKind, table: FirmwareTable | None) -> str | None:
+    """Why this image cannot boot a `kind` guest with -bios, judged by what its table points
+    at (a GUID alone proves nothing: every x86-64 OVMF carries both markers); None if fit."""
+    if table is None:
+        return "no OVMF footer table (not an OVMF/TDVF image, or truncated)"
+    if kind == "tdx":
+        if TDX_METADATA_OFFSET_GUID not in table.entries:
+            return "no TDX metadata offset in its table (not a TDVF-capable build)"
+        if not table.tdvf_ready:
+            return "TDVF metadata unusable: " + ("; ".join(table.problems) or "no sections")
         return None
-    end = len(tail) - 32
-    if uuid.UUID(bytes_le=tail[end - 16 : end]) != OVMF_TABLE_FOOTER_GUID:
-        return None
-    (total,) = struct.unpack_from("<H", tail, end - 18)
-    start = end - total
-    if total < 18 or start < 0:
-        return None
-    guids: set[uuid.UUID] = set()
-    pos = end - 18  # the footer entry is not a table entry
-    while pos - 18 >= start:
-        guids.add(uuid.UUID(bytes_le=tail[pos - 16 : pos]))
-        (length,) = struct.unpack_from("<H", tail, pos - 18)
-        if length < 18:
-            break
-        pos -= length
-    return guids
+    if OVMF_SEV_METADATA_GUID not in table.entries:
+        return "no SEV metadata offset in its table (an Ia32X64 or non-SEV build)"
+    if not table.sev_snp_ready:
+        return "SEV metadata unusable: " + ("; ".join(table.problems) or "no sections")
+    return None
 
 
 def _descriptor_candidates(host: _Host, feature_name: str) -> list[tuple[str, str, str]]:
@@ -293,41 +289,50 @@ def find_firmware(
     """(firmware path or None, evidence) for a TDX (TDVF) or SNP (OVMF) guest.
 
     Order: `override`; QEMU firmware descriptors declaring the feature; file names
-    only TDX/SNP builds carry; generic OVMF.fd whose GUID table proves support.
+    only TDX/SNP builds carry; generic OVMF.fd. Every candidate except an override is
+    judged by what its footer table points at (`_firmware_fit`); the evidence carries
+    the table (`firmware_table`), from which the SNP spec decides `kernel-hashes`.
     """
-    feature_name, paths, trusted_names, guid = _FIRMWARE[kind]
+    feature_name, paths, trusted_names, _guid = _FIRMWARE[kind]
     host = _Host(root)
     evidence: dict[str, Any] = {"searched": []}
 
-    def guid_found(path: str) -> bool | None:
-        guids = ovmf_guids(host.path(path))
-        return None if guids is None else guid in guids
+    def judge(path: str) -> str | None:
+        table = read_firmware(host.path(path))
+        problem = _firmware_fit(kind, table)
+        evidence["firmware_table"] = None if table is None else table.describe()
+        evidence["guid_table_has_support"] = problem is None
+        return problem
 
     if override is not None:
         evidence["source"] = "override"
         if not host.path(str(override)).is_file():
             evidence["missing"] = str(override)
             return None, evidence
-        evidence["guid_table_has_support"] = guid_found(str(override))
+        problem = judge(str(override))
+        if problem:  # the lab said so: use it, but say what the table shows
+            evidence["table_problem"] = problem
         return str(override), evidence
     for path, descriptor, device in _descriptor_candidates(host, feature_name):
         evidence["searched"].append(descriptor)
         if host.path(path).is_file():
             evidence.update(source=f"descriptor {descriptor}", mapping_device=device)
-            evidence["guid_table_has_support"] = guid_found(path)
+            problem = judge(path)
+            if problem:
+                evidence["table_problem"] = problem
             return path, evidence
     for path in paths:
         evidence["searched"].append(path)
         if not host.path(path).is_file():
             continue
-        has_guid = guid_found(path)
-        if Path(path).name in trusted_names:
-            evidence.update(source="known file name", guid_table_has_support=has_guid)
+        problem = judge(path)
+        if problem is None:
+            named = Path(path).name in trusted_names
+            evidence["source"] = "known file name" if named else "its OVMF table"
             return path, evidence
-        if has_guid:
-            evidence.update(source=f"GUID {guid} in its OVMF table", guid_table_has_support=True)
-            return path, evidence
-        evidence.setdefault("rejected", []).append(f"{path}: no {kind.upper()} GUID in its table")
+        evidence.setdefault("rejected", []).append(f"{path}: {problem}")
+    evidence.pop("firmware_table", None)
+    evidence.pop("guid_table_has_support", None)
     return None, evidence
 
 
@@ -423,28 +428,55 @@ def _kvm_fact_tier(name: str, kvm: KvmFacts | None, why_none: str) -> Tier:
     return Tier(name, available, text, evidence)
 
 
-def _qemu_feature(qemu: QemuFacts | None, type_name: str, feature_name: str) -> str | None:
-    """Why this QEMU cannot run `type_name`, or None when it can."""
-    since = feature(feature_name).since
+def _coco_qemu_problem(qemu: QemuFacts | None, kind: Literal["tdx", "snp"]) -> str | None:
+    """Why this QEMU cannot launch a `kind` guest through upstream KVM, or None.
+
+    Decided by capability: the QOM type, then upstream's properties on it (a vendor fork
+    that has the type but not them is named as such, whatever its version)."""
+    type_name = "tdx-guest" if kind == "tdx" else "sev-snp-guest"
     if qemu is None:
         return "no usable QEMU"
-    if qemu.version < since:
-        return f"{qemu.describe()} is older than {since.short()}, which added {type_name}"
     if not qemu.has_type(type_name):
-        return f"{qemu.describe()} was built without {type_name}"
-    return None
+        since = feature(type_name).since
+        return (
+            f"{qemu.describe()} has no {type_name} object (upstream QEMU >= {since.short()} "
+            f"has it, when built with {'TDX' if kind == 'tdx' else 'SEV'} support): install one, "
+            "or name it with --qemu / CVMLAB_QEMU"
+        )
+    return coco_host.qemu_interface_problem(
+        kind, type_name, True, qemu.property_names(type_name), str(qemu.version)
+    )
 
 
-def _snp_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Path | None) -> Tier:
+def _vm_types(kvm: KvmFacts | None) -> tuple[int | None, str]:
+    if kvm is None:
+        return None, "KVM facts not read"
+    return (kvm.vm_types, "") if kvm.usable else (None, kvm.reason)
+
+
+def _snp_tier(
+    host: _Host,
+    qemu: QemuFacts | None,
+    flags: set[str],
+    firmware: Path | None,
+    kvm: KvmFacts | None = None,
+) -> Tier:
     sev_snp = host.param("kvm_amd", "sev_snp")
-    sev_device = host.path("/dev/sev").exists()
+    sev_node, sev_user, sev_access = coco_host.device_access(host.root, "/dev/sev")
     fw_path, fw_evidence = find_firmware("snp", host.root, firmware)
+    state = coco_host.snp_host_state(host.root)
+    vm_types, kvm_reason = _vm_types(kvm)
+    params = {"kvm_amd.sev_snp": sev_snp}
     evidence: dict[str, Any] = {
         "kvm_amd.sev_snp": sev_snp,
         "kvm_amd.sev": host.param("kvm_amd", "sev"),
         "kvm_amd.sev_es": host.param("kvm_amd", "sev_es"),
-        "/dev/sev": sev_device,
+        "/dev/sev": sev_node is not None,
+        "/dev/sev_access": sev_access or f"read-write for uid {sev_user.uid}",
         "cpu_flags": sorted(flags & {"sev", "sev_es", "sev_snp"}),
+        "kvm_vm_types": None if vm_types is None else hex(vm_types),
+        "snp_init": state.to_json(),
+        "vendor_stack": coco_host.vendor_stack_signs("snp", host.root, params),
         "firmware": fw_path,
         "firmware_search": fw_evidence,
     }
@@ -452,10 +484,24 @@ def _snp_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     if not host.module_loaded("kvm_amd"):
         problems.append("kvm_amd is not loaded")
     elif not _enabled(sev_snp):
-        problems.append(f"kvm_amd parameter sev_snp is {sev_snp or 'absent'}, not Y")
-    if not sev_device:
-        problems.append("/dev/sev does not exist (no ccp/PSP driver)")
-    qemu_problem = _qemu_feature(qemu, "sev-snp-guest", "sev-snp-guest")
+        fix = (
+            coco_host.BIOS_SNP_FIX
+            if "sev_snp" not in flags
+            else "boot with kvm_amd.sev_snp=1 on a kernel >= 6.11"
+        )
+        problems.append(f"kvm_amd parameter sev_snp is {sev_snp or 'absent'}, not Y: {fix}")
+    else:
+        init = coco_host.snp_init_problem(state)
+        if init:
+            problems.append(init)
+        vm_problem = coco_host.kvm_vm_type_problem("snp", vm_types, kvm_reason)
+        if vm_problem:
+            problems.append(vm_problem)
+    if sev_node is None:
+        problems.append("/dev/sev does not exist (no ccp/PSP driver): load ccp, check the BIOS")
+    elif sev_access:
+        problems.append(sev_access)
+    qemu_problem = _coco_qemu_problem(qemu, "snp")
     if qemu_problem:
         problems.append(qemu_problem)
     if fw_path is None:
@@ -463,20 +509,34 @@ def _snp_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     if problems:
         return Tier("snp", False, "; ".join(problems), evidence)
     assert qemu is not None
+    api = state.snp_api
+    firmware_note = f", SNP firmware {api[0]}.{api[1]}" if api else ""
     return Tier(
         "snp",
         True,
-        f"kvm_amd sev_snp=Y, /dev/sev, {qemu.describe()} with sev-snp-guest, firmware {fw_path}",
+        f"kvm_amd sev_snp=Y, KVM_X86_SNP_VM, /dev/sev rw{firmware_note}, {qemu.describe()} "
+        f"with sev-snp-guest, firmware {fw_path}",
         evidence,
     )
 
 
-def _tdx_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Path | None) -> Tier:
+def _tdx_tier(
+    host: _Host,
+    qemu: QemuFacts | None,
+    flags: set[str],
+    firmware: Path | None,
+    kvm: KvmFacts | None = None,
+) -> Tier:
     tdx = host.param("kvm_intel", "tdx")
     fw_path, fw_evidence = find_firmware("tdx", host.root, firmware)
+    state = coco_host.tdx_host_state(host.root)
+    vm_types, kvm_reason = _vm_types(kvm)
     evidence: dict[str, Any] = {
         "kvm_intel.tdx": tdx,
         "cpu_flags": sorted(flags & {"tdx_host_platform", "vmx"}),
+        "kvm_vm_types": None if vm_types is None else hex(vm_types),
+        "tdx_init": state.to_json(),
+        "vendor_stack": coco_host.vendor_stack_signs("tdx", host.root, {"kvm_intel.tdx": tdx}),
         "firmware": fw_path,
         "firmware_search": fw_evidence,
     }
@@ -484,10 +544,12 @@ def _tdx_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     if not host.module_loaded("kvm_intel"):
         problems.append("kvm_intel is not loaded")
     elif not _enabled(tdx):
-        problems.append(
-            f"kvm_intel parameter tdx is {tdx or 'absent'}, not Y (boot with kvm_intel.tdx=1)"
-        )
-    qemu_problem = _qemu_feature(qemu, "tdx-guest", "tdx-guest")
+        problems.append(coco_host.tdx_param_problem(tdx, state))
+    else:
+        vm_problem = coco_host.kvm_vm_type_problem("tdx", vm_types, kvm_reason)
+        if vm_problem:
+            problems.append(vm_problem)
+    qemu_problem = _coco_qemu_problem(qemu, "tdx")
     if qemu_problem:
         problems.append(qemu_problem)
     if fw_path is None:
@@ -498,7 +560,7 @@ def _tdx_tier(host: _Host, qemu: QemuFacts | None, flags: set[str], firmware: Pa
     return Tier(
         "tdx",
         True,
-        f"kvm_intel tdx=Y, {qemu.describe()} with tdx-guest, firmware {fw_path}",
+        f"kvm_intel tdx=Y, KVM_X86_TDX_VM, {qemu.describe()} with tdx-guest, firmware {fw_path}",
         evidence,
     )
 
@@ -611,6 +673,7 @@ def probe_host(
     snp_firmware: Path | None = None,
     accel_check_timeout: float = ACCEL_CHECK_TIMEOUT_S,
     qemu_facts: QemuFacts | None = None,
+    kvm_facts: KvmFacts | None = None,
 ) -> HostProbe:
     """Measure this host (or the fake tree at `root`) and name every tier it supports.
 
@@ -636,7 +699,8 @@ def probe_host(
         except QemuError as error:
             qemu_error = str(error)
     model, flags = _cpuinfo(host)
-    kvm, why_no_kvm = _kvm_facts(host)
+    # `kvm_facts`: recorded facts of a lab host (the rehearsal), instead of /dev/kvm's.
+    kvm, why_no_kvm = (kvm_facts, "") if kvm_facts is not None else _kvm_facts(host)
     boot_check = None
     if check_accel:
         if qemu is None or "kvm" not in qemu.accelerators:
@@ -649,8 +713,8 @@ def probe_host(
         "kvm": _kvm_tier(host, qemu, kvm, flags, boot_check),
         "gmem": _kvm_fact_tier("gmem", kvm, why_no_kvm),
         "sw-protected": _kvm_fact_tier("sw-protected", kvm, why_no_kvm),
-        "snp": _snp_tier(host, qemu, flags, snp_firmware),
-        "tdx": _tdx_tier(host, qemu, flags, tdx_firmware),
+        "snp": _snp_tier(host, qemu, flags, snp_firmware, kvm),
+        "tdx": _tdx_tier(host, qemu, flags, tdx_firmware, kvm),
     }
     # Nested virtualisation support of the vendor module, as evidence.
     for module in VENDOR_KVM_MODULES:

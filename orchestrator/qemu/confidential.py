@@ -13,7 +13,8 @@ rules in general. What only this host can answer is decided here, once, by
   (target/i386/sev.c `sev_get_capabilities`: "When SEV feature is enabled, we
   loose one bit in guest physical addressing"), so the CPUID fallback does the
   same. A value given explicitly that differs from the host's is an error naming
-  both: QEMU would fail later with "cbitpos check failed".
+  both: QEMU would fail later with "cbitpos check failed". A reduced_phys_bits given
+  explicitly is kept: QEMU's answer of 1 is QEMU's constant, not a host fact.
 - Firmware: a spec without one gets the TDVF / SNP-capable OVMF the probe found
   (`probe.find_firmware`: $CVMLAB_TDX_FIRMWARE / $CVMLAB_SNP_FIRMWARE, QEMU's
   firmware descriptors, the usual file names, OVMF GUID tables), loaded with
@@ -24,6 +25,14 @@ rules in general. What only this host can answer is decided here, once, by
   (tdx_check_features); a unix quote-generation socket must exist.
 - SEV-SNP: a policy that forbids SMT (bit 16 clear) on a host with SMT active is
   refused by the SNP firmware at SNP_LAUNCH_START.
+- SEV-SNP and SEV with -kernel: `kernel-hashes` follows the firmware's own table
+  (`decide_kernel_hashes`, facts in orchestrator/host/ovmf.py): on for an AmdSev build
+  (it refuses an unhashed -kernel with EFI_ACCESS_DENIED and the guest never reaches its
+  kernel), off for a generic OVMF (QEMU exits: "guest firmware hashes table area is
+  invalid"). A value given explicitly that contradicts the table is a SpecError.
+- TDX quote generation: the quote-generation-socket must answer (a unix socket that
+  accepts, a vsock port that accepts, as QEMU will connect): a stopped QGS is the host's
+  missing capability (HostError, a CANCEL), not a guest failure.
 - SEV/SEV-ES: kvm_amd's `sev`/`sev_es` must be on, and with `legacy-vm-type=off`
   KVM must offer KVM_X86_SEV_VM / KVM_X86_SEV_ES_VM (KVM_CAP_VM_TYPES bits 2/3,
   Linux >= 6.10); guest RAM is pinned, so RLIMIT_MEMLOCK must cover it unless root.
@@ -45,6 +54,7 @@ import dataclasses
 import json
 import os
 import resource
+import socket
 import struct
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -53,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import HostError, QemuError, SpecError
+from orchestrator.host.ovmf import FirmwareTable, read_firmware
 from orchestrator.host.probe import FIRMWARE_ENV, FirmwareKind, HostProbe, find_firmware
 from orchestrator.qemu.spawn import spawn
 from orchestrator.qemu.spec import (
@@ -61,6 +72,7 @@ from orchestrator.qemu.spec import (
     Firmware,
     KernelBoot,
     MachineSpec,
+    QuoteGenerationSocket,
     SevGuest,
     SnpGuest,
     TdxGuest,
@@ -270,28 +282,66 @@ AmdGuest = SnpGuest | SevGuest
 
 
 def complete_sev_fields(cgs: AmdGuest, caps: SevCapabilities) -> AmdGuest:
-    """`cgs` with cbitpos/reduced_phys_bits filled from the host; SpecError on a mismatch.
+    """`cgs` with cbitpos/reduced_phys_bits filled from the host; SpecError on a wrong cbitpos.
 
-    Both values are compared: QEMU checks cbitpos against CPUID ("cbitpos check
-    failed, host '%d' requested '%d'"); a reduced-phys-bits other than the host's
-    changes the guest's CPUID 0x8000001F, which the SNP firmware's CPUID page
-    validation and OVMF's page tables both rely on.
+    cbitpos is a host fact: QEMU checks it against CPUID ("cbitpos check failed, host
+    '%d' requested '%d'"). reduced-phys-bits is not: `query-sev-capabilities` always
+    answers 1 (target/i386/sev.c sev_get_capabilities), QEMU accepts any 1..63 (rules.py
+    checks the range), so a value given is kept and only a missing one is filled.
     """
     kind = "SEV-SNP" if isinstance(cgs, SnpGuest) else "SEV"
-    wrong = []
     if cgs.cbitpos is not None and cgs.cbitpos != caps.cbitpos:
-        wrong.append(f"cbitpos={cgs.cbitpos} but this host's C-bit is {caps.cbitpos}")
-    if cgs.reduced_phys_bits is not None and cgs.reduced_phys_bits != caps.reduced_phys_bits:
-        wrong.append(
-            f"reduced_phys_bits={cgs.reduced_phys_bits} but this host's is {caps.reduced_phys_bits}"
-        )
-    if wrong:
         raise SpecError(
-            f"{kind}: {'; '.join(wrong)} ({caps.source})",
-            "drop cbitpos/reduced_phys_bits (cvmlab reads them from the host) or give "
-            f"cbitpos={caps.cbitpos} reduced_phys_bits={caps.reduced_phys_bits}",
+            f"{kind}: cbitpos={cgs.cbitpos} but this host's C-bit is {caps.cbitpos} "
+            f"({caps.source})",
+            f"drop cbitpos (cvmlab reads it from the host) or give cbitpos={caps.cbitpos}",
         )
-    return dataclasses.replace(cgs, cbitpos=caps.cbitpos, reduced_phys_bits=caps.reduced_phys_bits)
+    rpb = cgs.reduced_phys_bits if cgs.reduced_phys_bits is not None else caps.reduced_phys_bits
+    return dataclasses.replace(cgs, cbitpos=caps.cbitpos, reduced_phys_bits=rpb)
+
+
+def decide_kernel_hashes(
+    cgs: AmdGuest, boot: KernelBoot | DiskBoot, table: FirmwareTable | None, firmware: str
+) -> AmdGuest:
+    """`cgs` with `kernel_hashes` decided by the firmware's table for a -kernel boot.
+
+    edk2 OvmfPkg/AmdSev (BlobVerifierLibSevHashes/BlobVerifierSevHashes.c VerifyBlob): no
+    hashes table -> EFI_ACCESS_DENIED, QemuKernelLoaderFsDxe drops the blobs, the guest
+    never reaches its kernel. QEMU target/i386/sev.c sev_add_kernel_loader_hashes: with
+    kernel-hashes=on the table area must have base != 0 and size >= 176, else QEMU exits
+    ("guest firmware hashes table area is invalid"). Without -kernel nothing is hashed.
+    """
+    if not isinstance(boot, KernelBoot):
+        return cgs
+    kind = "SEV-SNP" if isinstance(cgs, SnpGuest) else "SEV"
+    if table is None:
+        if cgs.kernel_hashes is not None:
+            return cgs
+        raise SpecError(
+            f"{kind} -kernel boot: firmware {firmware} has no readable OVMF table, so whether "
+            "it needs kernel-hashes cannot be told",
+            "give kernel_hashes=on (AmdSev builds) or kernel_hashes=off (generic OVMF)",
+        )
+    measured = table.measured_direct_boot
+    area = table.hashes_area or (0, 0)
+    where = f"base={area[0]:#x} size={area[1]:#x}"
+    if cgs.kernel_hashes is None:
+        return dataclasses.replace(cgs, kernel_hashes=measured)
+    if cgs.kernel_hashes and not measured:
+        raise SpecError(
+            f"{kind}: kernel_hashes=on but firmware {firmware} reserves no SEV hashes table "
+            f"({where}): QEMU exits with 'guest firmware hashes table area is invalid'",
+            "drop kernel_hashes (cvmlab decides it from the firmware), or use an AmdSev build "
+            "(OVMF.amdsev.fd) for measured direct boot",
+        )
+    if not cgs.kernel_hashes and measured:
+        raise SpecError(
+            f"{kind}: kernel_hashes=off but firmware {firmware} is an AmdSev build (SEV hashes "
+            f"table at {where}): it refuses an unhashed -kernel (EFI_ACCESS_DENIED) and the "
+            "guest never reaches its kernel",
+            "drop kernel_hashes (cvmlab turns it on for this firmware), or use a generic OVMF",
+        )
+    return cgs
 
 
 # --- firmware -------------------------------------------------------------------------------
@@ -456,14 +506,58 @@ def tdx_problems(
             f"cpu phys-bits={phys} but the host has {host.phys_bits}: a TD always sees the "
             "host's value and QEMU refuses any other"
         )
-    qgs = tdx.quote_generation_socket
-    if qgs is not None and qgs.type == "unix" and qgs.path:  # noqa: SIM102 (one check per line)
-        if not (root / qgs.path.lstrip("/")).exists():
-            problems.append(
-                f"quote-generation-socket {qgs.path} does not exist: GetQuote would answer "
-                "QGS_UNAVAILABLE (start the lab's QGS service, or drop qgs_path)"
-            )
     return problems
+
+
+QGS_CONNECT_TIMEOUT_S = 3.0
+QGS_FIX = (
+    "start the lab's quote generation service (e.g. `systemctl start qgsd`; docs/labs.md, "
+    "'Attestation services'), or drop qgs_path / qgs_vsock_port"
+)
+
+
+def quote_service_problem(
+    qgs: QuoteGenerationSocket | None,
+    root: Path = Path("/"),
+    timeout: float = QGS_CONNECT_TIMEOUT_S,
+) -> str | None:
+    """Why the TD's quote-generation service would not answer, or None.
+
+    QEMU connects to it for every GetQuote (target/i386/kvm/tdx.c); without an answer the
+    guest's quote fails and G1's attestation check would FAIL for a host reason. So connect
+    now, as QEMU will: a unix socket that refuses (a stale file of a stopped service) or a
+    vsock port that refuses is the host's missing capability. A recorded host (root other
+    than "/") is judged by the socket file only.
+    """
+    if qgs is None:
+        return None
+    address: str | tuple[int, int]
+    if qgs.type == "unix" and qgs.path:
+        path = root / qgs.path.lstrip("/")
+        if not path.exists():
+            return f"quote-generation-socket {qgs.path} does not exist"
+        if root != Path("/"):
+            return None
+        family, address, what = int(socket.AF_UNIX), str(path), f"unix socket {qgs.path}"
+    elif qgs.type == "vsock" and qgs.port is not None and root == Path("/"):
+        family = int(getattr(socket, "AF_VSOCK", -1))
+        address, what = (qgs.cid or 2, qgs.port), f"vsock cid {qgs.cid} port {qgs.port}"
+    else:
+        return None
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, ValueError) as error:
+        return (
+            f"cannot open a socket for {what} ({error}), and neither could QEMU "
+            "(for vsock: modprobe vsock_loopback)"
+        )
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as error:
+            return f"nothing answers at {what} ({error.strerror or error})"
+    return None
 
 
 def snp_problems(snp: SnpGuest, host: HostCpu) -> list[str]:
@@ -568,8 +662,17 @@ def prepare_confidential(
                 )
             cgs = complete_sev_fields(cgs, sev_capabilities)
             spec = dataclasses.replace(spec, confidential=cgs)
+    if isinstance(cgs, (SnpGuest, SevGuest)):
+        firmware = _boot_firmware(spec)
+        assert firmware is not None  # resolve_firmware filled it
+        table = read_firmware(root / firmware.path.lstrip("/"))
+        cgs = decide_kernel_hashes(cgs, spec.boot, table, firmware.path)
+        spec = dataclasses.replace(spec, confidential=cgs)
     host = host or HostCpu.read(root)
     if isinstance(cgs, TdxGuest):
+        qgs_problem = quote_service_problem(cgs.quote_generation_socket, root)
+        if qgs_problem:
+            raise HostError(f"this TD's quote generation cannot work: {qgs_problem}", QGS_FIX)
         problems += tdx_problems(spec, cgs, host, root, linux_guest)
     elif isinstance(cgs, SnpGuest):
         problems += snp_problems(cgs, host)
@@ -586,10 +689,12 @@ __all__ = [
     "SevCapabilities",
     "complete_sev_fields",
     "cpuid_sev_capabilities",
+    "decide_kernel_hashes",
     "host_sev_capabilities",
     "parse_cpu_list",
     "prepare_confidential",
     "query_sev_capabilities",
+    "quote_service_problem",
     "read_cpuid",
     "required_tiers",
     "resolve_firmware",

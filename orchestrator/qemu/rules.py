@@ -72,9 +72,12 @@ TDX_DIGEST_BYTES = 48  # SHA-384
 
 SNP_POLICY_RESERVED_ONE = 1 << 17
 # SEV-SNP firmware ABI "Guest Policy": 7:0 ABI minor, 15:8 ABI major, 16 SMT, 17 reserved
-# (must be one), 18 MIGRATE_MA, 19 DEBUG, 20 SINGLE_SOCKET, then newer optional bits up to 25.
+# (must be one), 18 MIGRATE_MA, 19 DEBUG, 20 SINGLE_SOCKET; the ABI defines newer bits 21-25
+# (CXL_ALLOW, MEM_AES_256_XTS, RAPL_DIS, CIPHERTEXT_HIDING, PAGE_SWAP_DISABLE), but KVM's
+# SNP_POLICY_MASK_VALID (arch/x86/kvm/svm/sev.c) ends at bit 20 and snp_launch_start()
+# returns EINVAL for anything outside it, MIGRATE_MA (18) included.
 SNP_POLICY_MIGRATE_MA = 1 << 18
-SNP_POLICY_DEFINED = (1 << 26) - 1
+SNP_POLICY_DEFINED = (1 << 21) - 1  # bits KVM's valid mask spans (MIGRATE_MA then removed)
 # sev-guest's policy property is a uint32 (QAPI SevGuestProperties); bit 2 selects SEV-ES.
 SEV_POLICY_ES = 1 << 2
 SNP_BASE64_BYTES = {
@@ -552,7 +555,10 @@ def check_snp_policy_bits(spec: MachineSpec, qemu: QemuFacts | None) -> Problem 
         return None
     what = []
     if undefined:
-        what.append(f"bits {undefined:#x} beyond bit 25, reserved (must be zero) in the ABI")
+        what.append(
+            f"bits {undefined:#x} beyond bit 20, outside KVM's SNP_POLICY_MASK_VALID "
+            "(the ABI's newer bits 21-25 included)"
+        )
     if migrate:
         what.append("bit 18 (MIGRATE_MA), which KVM never accepts (not in its valid mask)")
     return Problem(
@@ -725,7 +731,7 @@ SPEC_RULES: tuple[Rule, ...] = (
     Rule("snp-cbitpos", "cbitpos given (SNP and SEV)", "target/i386/sev.c", check_snp_cbitpos),
     Rule("snp-policy", "SNP policy bit 17 (reserved, must be one) set",
          "SEV-SNP firmware ABI, guest policy", check_snp_policy),
-    Rule("snp-policy-bits", "SNP policy: no MIGRATE_MA, nothing beyond bit 25",
+    Rule("snp-policy-bits", "SNP policy: no MIGRATE_MA, nothing beyond bit 20",
          "SEV-SNP firmware ABI; arch/x86/kvm/svm/sev.c SNP_POLICY_MASK_VALID",
          check_snp_policy_bits),
     Rule("sev-policy", "SEV policy fits 32 bits", "QAPI SevGuestProperties", check_sev_policy),

@@ -134,7 +134,8 @@ class SnpGuest:
     cbitpos: int | None = None
     reduced_phys_bits: int | None = None
     policy: int = 0x30000
-    kernel_hashes: bool = False
+    # None: decided from the firmware's table at launch (confidential.decide_kernel_hashes).
+    kernel_hashes: bool | None = None
     author_key_enabled: bool | None = None
     vcek_disabled: bool | None = None
     guest_visible_workarounds: str | None = None  # base64, 16 bytes
@@ -182,7 +183,7 @@ class SevGuest:
     reduced_phys_bits: int | None = None
     policy: int = 0x1
     legacy_vm_type: Literal["on", "off", "auto"] = "off"
-    kernel_hashes: bool = False
+    kernel_hashes: bool | None = None  # None: decided from the firmware's table
     kind: Literal["sev"] = "sev"
 
     @property
@@ -355,7 +356,7 @@ def _confidential(p: _Params) -> Confidential | None:
             cbitpos=p.integer("cbitpos"),
             reduced_phys_bits=p.integer("reduced_phys_bits"),
             policy=p.integer("snp_policy", 0x30000) or 0,
-            kernel_hashes=p.flag("kernel_hashes", False),
+            kernel_hashes=p.opt_flag("kernel_hashes"),
             author_key_enabled=p.opt_flag("author_key_enabled"),
             vcek_disabled=p.opt_flag("vcek_disabled"),
             guest_visible_workarounds=p.text("guest_visible_workarounds"),
@@ -388,7 +389,7 @@ def _confidential(p: _Params) -> Confidential | None:
             reduced_phys_bits=p.integer("reduced_phys_bits"),
             policy=p.integer("sev_policy", 0x1) or 0,
             legacy_vm_type=legacy,  # type: ignore[arg-type]
-            kernel_hashes=p.flag("kernel_hashes", False),
+            kernel_hashes=p.opt_flag("kernel_hashes"),
         )
     raise SpecError(f"unknown confidential guest type {kind!r}", "use none, snp, tdx or sev")
 
