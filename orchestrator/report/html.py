@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from orchestrator.errors import CvmlabError
+from orchestrator.invariants.verdict import is_self_check
 from orchestrator.report.compare import Comparison
 from orchestrator.report.jobs import Job, TestResult
 from orchestrator.report.matrix import Matrix
@@ -201,15 +202,27 @@ def _verdicts_table(data_dir: Path | None) -> str:
             return '<p class="warn">verdicts.json is unreadable (cut short?)</p>'
     if not isinstance(raw, list) or not raw:
         return '<p class="muted">No verdicts recorded.</p>'
+    rows = [v for v in raw if isinstance(v, dict)]
+    invariants = [v for v in rows if not is_self_check(str(v.get("invariant", "")))]
+    self_checks = [v for v in rows if is_self_check(str(v.get("invariant", "")))]
+    out = [_verdict_rows("verdicts", "invariant", invariants)]
+    if self_checks:
+        # cvmlab's own checks (S family): shown apart, never read as the system's invariants.
+        out.append(
+            "<h3>cvmlab self-checks (S: not invariants of the system under test)</h3>"
+            + _verdict_rows("self-checks", "self-check", self_checks)
+        )
+    return "".join(out)
+
+
+def _verdict_rows(table_id: str, label: str, rows: list[dict[str, Any]]) -> str:
     out = [
-        '<table id="verdicts"><tr><th>invariant</th><th>status</th><th>summary</th>'
+        f'<table id="{table_id}"><tr><th>{label}</th><th>status</th><th>summary</th>'
         "<th>expected</th><th>seen</th><th>tolerance</th><th>evidence</th></tr>"
     ]
-    for v in raw:
-        if not isinstance(v, dict):
-            continue
+    for v in rows:
         status = str(v.get("status", "?"))
-        css = {"pass": "PASS", "fail": "FAIL"}.get(status, "SKIP")
+        css = {"pass": "PASS", "fail": "FAIL", "incomplete": "WARN"}.get(status, "SKIP")
         out.append(
             f"<tr><td>{_cell(v.get('invariant'))}</td>"
             f'<td class="s-{css}">{escape(status)}</td><td>{_cell(v.get("summary"))}</td>'
