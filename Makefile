@@ -36,6 +36,7 @@ image: venv
 lint: venv
 	$(BIN)/ruff check orchestrator scenarios tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: venv
 	$(BIN)/pytest -q

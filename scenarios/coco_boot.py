@@ -3,7 +3,7 @@
 Lab only (tiers tdx, snp; elsewhere every variant CANCELs with the probe's reason).
 The machine comes from scenarios/variants/coco.yaml (confidential=tdx|snp, KVM, cpu
 host, a memfd shared half); firmware and, for SNP, cbitpos/reduced-phys-bits are found
-on the host by orchestrator.qemu.confidential.prepare_confidential.
+on the host by orchestrator.host.confidential.prepare_confidential.
 
 Inside the guest (orchestrator.guest.coco, one SSH command):
 - the kernel's "Memory Encryption Features active: Intel TDX" / "...SEV-SNP" line;

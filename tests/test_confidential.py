@@ -1,4 +1,4 @@
-"""orchestrator.qemu.confidential: completing a TDX/SNP/SEV spec from the host, before launch.
+"""orchestrator.host.confidential: completing a TDX/SNP/SEV spec from the host, before launch.
 
 The host facts come from where QEMU takes them: `query-sev-capabilities` answers with the
 QAPI SevCapability struct {pdh, cert-chain, cpu0-id, cbitpos, reduced-phys-bits}, whose
@@ -23,10 +23,7 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import CvmlabError, HostError, SpecError
-from orchestrator.host.ovmf import AMDSEV_HASHES_AREA, ovmf_like
-from orchestrator.host.probe import HostProbe, probe_host
-from orchestrator.qemu.argv import confidential_object
-from orchestrator.qemu.confidential import (
+from orchestrator.host.confidential import (
     CPUID_DEVICE,
     CPUID_SEV,
     CPUID_SEV_ES,
@@ -45,6 +42,9 @@ from orchestrator.qemu.confidential import (
     snp_problems,
     tdx_problems,
 )
+from orchestrator.host.ovmf import AMDSEV_HASHES_AREA, ovmf_like
+from orchestrator.host.probe import HostProbe, probe_host
+from orchestrator.qemu.argv import confidential_object
 from orchestrator.qemu.introspect import QemuFacts, introspect_qemu
 from orchestrator.qemu.rules import validate
 from orchestrator.qemu.spec import (
