@@ -41,6 +41,7 @@ from orchestrator.guest.memhelper import MemHelper, ssh_runner
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.baseline import TeardownWatch
 from orchestrator.host.confidential import prepare_confidential, required_tiers
+from orchestrator.host.confidential import prepare_confidential, required_tiers
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import HostLogWatch
 from orchestrator.host.meminfo import sample_meminfo
