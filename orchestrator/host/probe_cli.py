@@ -1,5 +1,8 @@
 """`cvmlab probe`: print the host's tiers as a table or JSON.
 
+`--lab-report DIR` also writes what a lab engineer sends when a first TDX/SNP run
+fails (orchestrator/host/lab_report.py); `--replay DIR` probes such a recorded host.
+
 A missing tier is information, not an error: exit 0. A QEMU binary that is
 missing or does not start is a user error: `introspect_qemu` raises a
 QemuError, which `cvmlab` prints as one line with exit status 2.
@@ -14,6 +17,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import SpecError
+from orchestrator.host.coco_host import RECORDED
+from orchestrator.host.lab_report import replay_probe, write_lab_report
 from orchestrator.host.probe import HostProbe, probe_host
 from orchestrator.qemu.introspect import DEFAULT_BINARY, introspect_qemu
 
@@ -42,6 +48,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--tdx-firmware", type=Path, metavar="PATH", help="TDVF image to use")
     parser.add_argument("--snp-firmware", type=Path, metavar="PATH", help="SNP OVMF image to use")
+    parser.add_argument(
+        "--lab-report",
+        type=Path,
+        metavar="DIR",
+        help="also write a lab report (kernel, cmdline, module parameters, firmware tables, "
+        "QEMU properties, KVM VM types, vendor-stack signs, TDX/SNP kernel lines) into DIR",
+    )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        metavar="DIR",
+        help="probe a recorded host (a --lab-report directory) instead of this one",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -76,17 +95,28 @@ def format_table(probe: HostProbe) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    command = _command(args.qemu)
-    # Raises QemuError for a missing or broken QEMU: a user error, exit 2 in `cvmlab`.
-    introspect_qemu(command)
-    probe = probe_host(
-        command,
-        check_accel=args.check_accel,
-        tdx_firmware=args.tdx_firmware,
-        snp_firmware=args.snp_firmware,
-    )
+    if args.replay is not None:
+        if not (args.replay / RECORDED).is_file():
+            raise SpecError(
+                f"{args.replay} is not a recorded host (no {RECORDED})",
+                "give a directory written by `cvmlab probe --lab-report DIR`",
+            )
+        probe = replay_probe(args.replay)
+    else:
+        command = _command(args.qemu)
+        # Raises QemuError for a missing or broken QEMU: a user error, exit 2 in `cvmlab`.
+        introspect_qemu(command)
+        probe = probe_host(
+            command,
+            check_accel=args.check_accel,
+            tdx_firmware=args.tdx_firmware,
+            snp_firmware=args.snp_firmware,
+        )
     if args.json:
         print(json.dumps(probe.to_json(), indent=2, default=str))
     else:
         print(format_table(probe))
+    if args.lab_report is not None and args.replay is None:
+        report = write_lab_report(args.lab_report, probe)
+        print(f"\nlab report: {report} (send the whole directory {args.lab_report})")
     return 0

@@ -16,9 +16,12 @@ Rules (Documentation/virt/kvm/api.rst; research/interfaces.md sections 5, 7):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.kvm import uapi
 from orchestrator.kvm.device import Kvm, KvmFd, KvmIoctlError
@@ -38,6 +41,31 @@ class KvmFacts:
     memory_attributes: dict[int, int]  # VM type -> KVM_CAP_MEMORY_ATTRIBUTES on a VM of that type
     # Why a VM type in `vm_types` could not be created ({type: "EINVAL"}); optional detail.
     vm_errors: dict[int, str] = field(default_factory=dict)
+
+    def has_vm_type(self, vm_type: int) -> bool:
+        """`vm_type`'s bit is set in KVM_CAP_VM_TYPES (KVM_X86_SNP_VM = 4, KVM_X86_TDX_VM = 5:
+        the upstream SNP and TDX interfaces that QEMU's sev-snp-guest / tdx-guest use)."""
+        return self.usable and bool(self.vm_types & (1 << vm_type))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KvmFacts:
+        """Facts recorded on another host (`cvmlab probe --lab-report`), for a replay."""
+        return cls(
+            device=str(data["device"]),
+            usable=bool(data["usable"]),
+            reason=str(data.get("reason", "")),
+            api_version=data.get("api_version"),
+            caps={str(k): int(v) for k, v in data.get("caps", {}).items()},
+            vm_types=int(data["vm_types"]),
+            gmem_flags=int(data.get("gmem_flags", 0)),
+            memory_attributes={
+                int(k): int(v) for k, v in data.get("memory_attributes", {}).items()
+            },
+            vm_errors={int(k): str(v) for k, v in data.get("vm_errors", {}).items()},
+        )
 
 
 def _unusable(device: str, reason: str, api_version: int | None = None) -> KvmFacts:
