@@ -1,13 +1,16 @@
-"""Synthetic avocado job dirs, for the report's speed target and its tests.
+"""Avocado job dirs shaped like real ones, for `cvmlab bench report` and the report's tests.
 
-`write_synthetic_job` lays out what `avocado run` (113) and cvmlab's
-scenarios leave behind: results.json, job.log, id, and per test
-`test-results/<n>-<name>/` with debug.log and data/{probe.json,
-verdicts.json, timeline.jsonl}; the timeline has host memory samples, a
-punch, a conversion, a balloon event, serial lines and verdicts, as a
-real scenario's would. `bench_report` times `cvmlab report` over 1,000 of
-those results (target: under 2 s); the synthetic job is written before the
-clock starts.
+`write_synthetic_job` lays out what `avocado run` (113) and cvmlab's scenarios leave
+behind: results.json, job.log, id, and per test `test-results/<n>-<name>/` with
+debug.log and data/{probe.json, verdicts.json, timeline.jsonl}. The sizes are those
+of real results, not toy ones: a balloon test measured here (scenarios/balloon.py,
+memfd, TCG) wrote 222 timeline lines and 17 verdicts; a test that follows the host's
+counters and QEMU's trace for a minute writes thousands of lines. So by default each
+test has REAL_SAMPLES host samples (with punch, conversion, balloon, serial and trace
+records among them: about 1,200 lines) and REAL_VERDICTS verdicts (H2 per backing
+part, G2, G3, H8, H9, an S self-check). `bench_report` times `cvmlab report` over
+1,000 such results, wall-clock against its 2 s budget (CPU time beside it); the job
+is written before the clock starts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from orchestrator.bench.core import Budget
 
 REPORT_TARGET_S = 2.0
 BENCH_RESULTS = 1000
+#: Host samples per test: with the other records, about 1,200 timeline lines.
+REAL_SAMPLES = 1000
+#: Verdicts per test, as a balloon or conversion test records them.
+REAL_VERDICTS = 17
 VARIANTS = (
     "anon",
     "memfd-shared",
@@ -98,6 +105,29 @@ def _timeline(rng: random.Random, start: float, samples: int, verdict: str) -> l
     return [json.dumps(r, separators=(",", ":")) for r in records]
 
 
+def _verdicts(count: int, first_h2: str) -> list[dict[str, object]]:
+    """`count` verdicts shaped like a balloon test's: H2 per backing part, then G2, an S
+    self-check, G3, H9 and H8 at the end (the finish phase's order)."""
+    tail = [("G2", "guest data intact"), ("S1", "cvmlab refused a bad size"),
+            ("G3", "guest kernel log is clean"), ("H9", "teardown returned everything"),
+            ("H8", "host kernel log is clean through the end of the test")]  # fmt: skip
+    out: list[dict[str, object]] = []
+    for i in range(max(0, count - len(tail))):
+        out.append(
+            {"invariant": "H2", "status": first_h2 if i == 0 else "pass",
+             "summary": f"balloon inflation of 128 MiB: part {i} fell by 1 x 128 MiB",
+             "expected": 131072, "seen": 0 if first_h2 == "fail" and i == 0 else 131072,
+             "tolerance": "±4096 or ±10%",
+             "evidence": {"unit": "KiB", "backend": "memfd", "before": {"held": 536870912},
+                          "after": {"held": 402653184}}}
+        )  # fmt: skip
+    for invariant, summary in tail[-count:] if count else []:
+        out.append({"invariant": invariant, "status": "pass", "summary": summary,
+                    "expected": None, "seen": None, "tolerance": None,
+                    "evidence": {"problems": []}})  # fmt: skip
+    return out
+
+
 def write_synthetic_job(
     root: Path,
     results: int = BENCH_RESULTS,
@@ -105,7 +135,8 @@ def write_synthetic_job(
     seed: int = 1,
     host: str = "lab-tcg-1",
     available: Sequence[str] = ("tcg", "gmem"),
-    samples: int = 60,
+    samples: int = REAL_SAMPLES,
+    verdicts_per_test: int = REAL_VERDICTS,
     status_of: Callable[[int, str, str], str] | None = None,
 ) -> Path:
     """A complete job dir under `root` with `results` tests (rows x VARIANTS); returns its path.
@@ -167,28 +198,7 @@ def write_synthetic_job(
         (data / "probe.json").write_text(probe_text)
         verdict_status = "fail" if status == "FAIL" else "pass"
         (data / "verdicts.json").write_text(
-            json.dumps(
-                [
-                    {
-                        "invariant": "H2",
-                        "status": verdict_status,
-                        "summary": "Shmem fell by the punched amount",
-                        "expected": 65536,
-                        "seen": 0 if status == "FAIL" else 65536,
-                        "tolerance": "±2%",
-                        "evidence": {"unit": "KiB"},
-                    },
-                    {
-                        "invariant": "H8",
-                        "status": "pass",
-                        "summary": "host log is clean",
-                        "expected": None,
-                        "seen": None,
-                        "tolerance": None,
-                        "evidence": {"bad_lines": []},
-                    },
-                ]
-            )
+            json.dumps(_verdicts(verdicts_per_test, verdict_status))
         )
         lines = _timeline(rng, clock, samples, verdict_status)
         (data / "timeline.jsonl").write_text("\n".join(lines) + "\n")
