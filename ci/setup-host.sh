@@ -11,11 +11,12 @@
 #   guest helper and module builds: gcc, libc6-dev, make
 #   Python: python3-venv
 #   report browser test: chromium (headless screenshot of cvmlab report's HTML)
+#   lab kernel and KVM selftest builds: flex, bison, bc, libelf-dev, libssl-dev, uuid-dev
 set -eu
 
 QEMU_MIN_MAJOR=10
 BACKPORTS_LIST=/etc/apt/sources.list.d/cvmlab-bookworm-backports.list
-BASE_PACKAGES="busybox-static dropbear-bin openssh-sftp-server cpio gzip xz-utils zstd kmod gcc libc6-dev make python3-venv chromium"
+BASE_PACKAGES="busybox-static dropbear-bin openssh-sftp-server cpio gzip xz-utils zstd kmod gcc libc6-dev make python3-venv chromium flex bison bc libelf-dev libssl-dev uuid-dev"
 QEMU_PACKAGES="qemu-system-x86 qemu-utils"
 
 say() { printf 'setup-host: %s\n' "$*"; }
