@@ -51,12 +51,13 @@ from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_
 from orchestrator.invariants.host_log import host_log_verdict
 from orchestrator.invariants.outcome import Raised, decide
 from orchestrator.invariants.teardown import teardown_verdict
-from orchestrator.invariants.verdict import Verdict, VerdictLog, incomplete
+from orchestrator.invariants.verdict import Verdict, VerdictLog, holds, incomplete
 from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
 from orchestrator.memory.expectations import hugetlb_shortfall
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.rules import validate
+from orchestrator.qemu.snapshot import StartRecord
 from orchestrator.qemu.spec import (
     MACHINE_KEYS,
     SCENARIO_KEYS,
@@ -65,6 +66,7 @@ from orchestrator.qemu.spec import (
     spec_from_params,
 )
 from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
+from orchestrator.qemu.warm import start_guest, sync_guest_clock
 from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline, now
 from orchestrator.units import MiB
@@ -250,11 +252,15 @@ class MachineScenario(Scenario):
     tiers = ("tcg",)
     #: Seconds for the guest to print its readiness marker (TCG boots in ~4 s).
     boot_timeout = 120.0
+    #: Why this scenario needs a cold boot (it checks the boot or boot-time state);
+    #: None: a restored snapshot of the same machine serves it as well (warm start).
+    cold_boot: ClassVar[str | None] = None
 
     image: ImageManifest
     spec: MachineSpec
     machine: Machine
     guest: GuestShell
+    start: StartRecord
     #: Set by `expect_guest_crash()`: the test crashes its guest on purpose and judges it.
     crash_expected: str | None = None
 
@@ -310,16 +316,52 @@ class MachineScenario(Scenario):
         self.before_launch()
         # H9's baseline: the runner's fds and children, quiet host counters, before QEMU.
         self.teardown_watch = TeardownWatch(extra_markers=(str(self.evidence_dir),))
-        self.machine = Machine(
+        self.start_guest()
+        self.guest = self.machine.ssh(self.image.ssh_user, self.image.ssh_key, self.image.host_key)
+        sync_guest_clock(self.guest, self.start)
+        self.record_start()
+
+    def start_guest(self) -> None:
+        """Boot the guest cold, or restore a snapshot of the same machine (warm start,
+        orchestrator.qemu.warm): `self.machine` is set as soon as QEMU exists, so a
+        boot that fails still leaves its machine to the finish phase."""
+        qemu = self.probe.qemu
+        version = (qemu.version.major, qemu.version.minor, qemu.version.micro) if qemu else None
+        binary = self.qemu_binary()
+
+        def adopt(machine: Machine) -> Machine:
+            self.machine = machine
+            return machine
+
+        _, self.start = start_guest(
             self.spec,
             self.evidence_dir,
-            binary=self.qemu_binary(),
-            timeline=self.timeline,
+            binary=[binary] if isinstance(binary, str) else binary,
+            qemu_version=version,
+            image_hashes={**self.image.outputs, "cmdline": self.image.cmdline},
             ready_marker=self.image.ready_marker,
+            timeline=self.timeline,
+            cold_reason=self.cold_boot,
+            boot_timeout=self.boot_timeout,
+            machine_factory=lambda *a, **k: adopt(Machine(*a, **k)),
         )
-        self.machine.start()
-        self.machine.wait_ready(timeout=self.boot_timeout)
-        self.guest = self.machine.ssh(self.image.ssh_user, self.image.ssh_key, self.image.host_key)
+
+    def record_start(self) -> None:
+        """The start in the evidence: start.json, the log, and S4 in verdicts.json."""
+        start = self.start
+        (self.evidence_dir / "start.json").write_text(json.dumps(start.to_json(), indent=2))
+        self.log.info("guest start: %s (%s)", start.mode, start.reason)
+        if self.cold_boot is not None:
+            allowed = start.mode == "cold"
+            why = f"a cold-only scenario booted cold ({self.cold_boot})"
+        elif start.mode == "warm":
+            status = self.machine.qmp.execute("query-status")["status"]
+            allowed = self.machine.ready_by == "snapshot" and status == "running"
+            why = f"the guest was restored and runs ({start.reason})"
+        else:
+            allowed = True
+            why = f"the guest booted cold: {start.reason}"
+        self.record(holds("S4", why, allowed, **start.to_json()))
 
     def before_launch(self) -> None:
         """Called with `self.spec` complete and its tiers present, just before QEMU starts."""

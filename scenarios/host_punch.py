@@ -278,6 +278,10 @@ class HostPunchKernelMemory(MachineScenario):
 
     timeout = 300
     scenario_keys = PUNCH_PARAMS
+    cold_boot = (
+        "it punches the kernel's data pages as a boot left them backed; a restore backs"
+        " only their non-zero pages"
+    )
 
     def setUp(self) -> None:
         # Decide before booting: a CANCEL here costs no guest.

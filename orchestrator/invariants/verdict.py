@@ -3,7 +3,7 @@
 A verdict is written to `verdicts.json` the moment it is made, so a test that
 dies later still leaves what it had judged. IDs are those of docs/design.md
 section 4: H1..H9 (host) and G1..G4 (guest) are invariants of the system under
-test; S1..S3 are cvmlab's own self-checks (see SELF_CHECKS), never filed as an
+test; S1..S4 are cvmlab's own self-checks (see SELF_CHECKS), never filed as an
 invariant of the system, and shown apart in the report.
 
 Statuses: "pass", "fail" (the invariant did not hold: the test FAILs),
@@ -28,6 +28,7 @@ SELF_CHECKS: dict[str, str] = {
     "S1": "cvmlab refused a bad request itself, before it reached QEMU or the kernel",
     "S2": "a fault the test injected on purpose took effect",
     "S3": "a step ran, on a platform where it cannot change anything (e.g. TCG: no conversion)",
+    "S4": "how the guest started: cold where the scenario needs it, else restored and running",
 }
 
 

@@ -322,14 +322,18 @@ def _pairs(argv: list[str]) -> list[list[str]]:
 
 
 def render_run_sh(
-    spec: MachineSpec, binary: str | Sequence[str] = "qemu-system-x86_64", header: str = ""
+    spec: MachineSpec,
+    binary: str | Sequence[str] = "qemu-system-x86_64",
+    header: str = "",
+    extra_args: Sequence[str] = (),
 ) -> str:
     """A shell script that runs `spec` by hand: console on the terminal, QMP in $RUNDIR.
 
-    Attach with `qmp-shell "$RUNDIR/qmp.sock"` while it runs.
+    Attach with `qmp-shell "$RUNDIR/qmp.sock"` while it runs. `extra_args` are the
+    launcher's own additions (e.g. the warm start's vmgenid device).
     """
     plumbing = Plumbing(qmp_socket=f"{RUNDIR_PLACEHOLDER}/qmp.sock", serial="stdio")
-    argv = build_argv(spec, plumbing, binary)
+    argv = [*build_argv(spec, plumbing, binary), *extra_args]
     lines = ["#!/bin/sh"]
     if header:
         lines += [f"# {line}" for line in header.splitlines()]

@@ -117,11 +117,13 @@ class Machine:
         ready_marker: str | None = None,
         human_qmp: bool = False,
         extra_args: Sequence[str] = (),
+        incoming: bool = False,
     ) -> None:
         """`human_qmp` adds a second QMP monitor socket for a person (qmp-shell), kept
         in `rundir` until the machine is released (`human_qmp_socket`). `extra_args`
-        go after the spec's argv (e.g. `-incoming defer` for a restore: run-time
-        plumbing, not part of the machine)."""
+        go after the spec's argv, in run.sh too (e.g. the warm start's vmgenid device).
+        `incoming` starts QEMU with `-incoming defer` (a snapshot restore: the guest is
+        loaded over QMP, then `mark_ready()`); run.sh stays a cold boot."""
         self.spec = spec
         self.evidence_dir = Path(evidence_dir)
         # A list runs QEMU through a prefix (e.g. a private loader for a newer build).
@@ -132,6 +134,9 @@ class Machine:
         self.ready_marker = ready_marker
         self.human_qmp = human_qmp
         self.extra_args = list(extra_args)
+        self.incoming = incoming
+        # How the guest became ready without its console marker (a restore), if it did.
+        self.ready_by: str | None = None
 
         self.qmp = QmpSession(self.evidence_dir / "qmp.jsonl", timeline, name=f"qmp-{spec.name}")
         self.console = SerialConsole(timeline, on_crash=self._on_crash)
@@ -246,7 +251,9 @@ class Machine:
 
     def _write_evidence(self, argv: list[str]) -> None:
         (self.evidence_dir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
-        script = render_run_sh(self.spec, self.binary, header=self._run_sh_header())
+        script = render_run_sh(
+            self.spec, self.binary, header=self._run_sh_header(), extra_args=self.extra_args
+        )
         run_sh = self.evidence_dir / "run.sh"
         run_sh.write_text(script)
         run_sh.chmod(0o755)
@@ -287,6 +294,8 @@ class Machine:
             )
         )
         argv += self.extra_args
+        if self.incoming:
+            argv += ["-incoming", "defer"]
         try:
             self._write_evidence(argv)
             self._serial_log = open(self.evidence_dir / "serial.log", "wb", buffering=0)  # noqa: SIM115
@@ -483,6 +492,17 @@ class Machine:
         self._record("ready", t=line.t, seconds=round(line.t - self.timings["launch"], 6))
         return line.t
 
+    def mark_ready(self, how: str) -> float:
+        """Record that the guest is ready without its console marker (restored from a
+        snapshot: it printed the marker before it was saved); returns the now() stamp."""
+        if self._proc is None:
+            raise QemuError("the machine has not been started", "call start() first")
+        self.ready_by = how
+        t = now()
+        self.timings["ready"] = t
+        self._record("ready", t=t, by=how, seconds=round(t - self.timings["launch"], 6))
+        return t
+
     def _registered_shells(self) -> list[GuestShell]:
         with self._lock:
             return list(self._shells)
@@ -533,6 +553,8 @@ class Machine:
         """Powerdown needs a guest that booted far enough to run its ACPI handler."""
         if self.crashed is not None or not self.qmp.connected:
             return False
+        if self.ready_by is not None:
+            return True
         if self.ready_marker is None:
             return False
         return self.console.find(self.ready_marker) is not None

@@ -1,0 +1,197 @@
+"""Start a guest cold or warm, and say which: `start_guest()`.
+
+The policy, in order (the first that applies decides):
+1. The caller says the test needs a cold boot (`cold_reason`: boot checks, boot-time
+   state) or the user turned warm starts off (`CVMLAB_WARM=0`): cold, argv as always.
+2. The machine cannot be saved (confidential guest, QEMU without mapped-ram): cold
+   with that reason.
+3. A valid snapshot for the key exists: restore it. A refused snapshot (damaged,
+   truncated, from another QEMU, open permissions) or a restore QEMU rejects is one
+   reason line, the restoring QEMU is stopped, and the guest boots cold.
+4. Otherwise cold, and the snapshot is saved at the readiness marker for the next
+   test (a failed save, e.g. a full disk, is a reason line; the test goes on).
+
+Whatever happens, the caller gets a started, ready `Machine` (or the boot's own
+error, exactly as a plain cold boot raises it) and a `StartRecord` for the evidence.
+Nothing is left running: a machine that is not returned has been killed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import CvmlabError, QmpError
+from orchestrator.guest.ssh import GuestShell
+from orchestrator.qemu.launcher import Machine
+from orchestrator.qemu.snapshot import (
+    WARM_DEVICE_ARGS,
+    SnapshotCache,
+    SnapshotError,
+    SnapshotKey,
+    StartRecord,
+    cold_only_reason,
+    restore,
+    save,
+    snapshot_key,
+)
+from orchestrator.qemu.spec import MachineSpec
+from orchestrator.timeline import Timeline, now
+
+#: `CVMLAB_WARM=0` turns warm starts off (every guest boots cold, nothing is saved).
+WARM_ENV = "CVMLAB_WARM"
+
+
+def warm_disabled() -> bool:
+    return os.environ.get(WARM_ENV, "1").strip().lower() in ("0", "no", "off", "false")
+
+
+def _say(timeline: Timeline | None, kind: str, **data: Any) -> None:
+    if timeline is not None:
+        timeline.record("start", kind, **data)
+
+
+def start_guest(
+    spec: MachineSpec,
+    evidence_dir: Path,
+    *,
+    binary: Sequence[str],
+    qemu_version: tuple[int, ...] | None,
+    image_hashes: dict[str, str],
+    ready_marker: str,
+    timeline: Timeline | None = None,
+    cold_reason: str | None = None,
+    boot_timeout: float = 120.0,
+    cache: SnapshotCache | None = None,
+    machine_factory: Callable[..., Machine] = Machine,
+    **machine_kwargs: Any,
+) -> tuple[Machine, StartRecord]:
+    """A ready guest for `spec`, restored from a snapshot where that is sound.
+
+    `cold_reason` forces a cold boot (the test needs one). `machine_factory` builds
+    the Machine (`cvmlab repro` replays a recorded argv through its own class).
+    """
+    version_text = ".".join(str(v) for v in qemu_version) if qemu_version else "unknown"
+
+    def machine(**extra: Any) -> Machine:
+        return machine_factory(
+            spec, evidence_dir, binary=list(binary), timeline=timeline,
+            ready_marker=ready_marker, **machine_kwargs, **extra,
+        )  # fmt: skip
+
+    reason = cold_reason
+    if reason is None and warm_disabled():
+        reason = f"warm starts are off ({WARM_ENV}=0)"
+    if reason is not None:
+        return _cold(machine(), StartRecord("cold", reason), boot_timeout, timeline)
+    reason = cold_only_reason(spec, qemu_version)
+    if reason is not None:
+        return _cold(machine(), StartRecord("cold", reason), boot_timeout, timeline)
+
+    cache = cache if cache is not None else SnapshotCache()
+    key = snapshot_key(spec, binary, version_text, image_hashes)
+    try:
+        snapshot = cache.lookup(key)
+    except SnapshotError as error:
+        snapshot = None
+        reason = f"snapshot refused: {error}"
+    if snapshot is not None:
+        warm = machine(extra_args=WARM_DEVICE_ARGS, incoming=True)
+        try:
+            warm.start()
+            started = warm.timings["launch"]
+            restore(warm.qmp, snapshot)
+            ready = warm.mark_ready("snapshot")
+        except (SnapshotError, QmpError) as error:
+            # QEMU refused the stream (damaged, another QEMU's), or the restore stuck.
+            warm.kill()
+            cache.discard(key)
+            reason = f"snapshot restore failed: {error}"
+        except BaseException:
+            warm.kill()
+            raise
+        else:
+            record = StartRecord(
+                "warm",
+                f"restored snapshot {snapshot.data_path.name}",
+                key=key.digest,
+                snapshot=str(snapshot.data_path),
+                seconds=ready - started,
+                notes=restore_notes(snapshot.meta, time.time()),
+            )
+            _say(timeline, "warm", **record.to_json())
+            return warm, record
+    record = StartRecord("cold", reason or "no snapshot of this machine yet", key=key.digest)
+    cold, record = _cold(machine(extra_args=WARM_DEVICE_ARGS), record, boot_timeout, timeline)
+    _save(cold, cache, key, record, timeline)
+    return cold, record
+
+
+def _cold(
+    machine: Machine, record: StartRecord, boot_timeout: float, timeline: Timeline | None
+) -> tuple[Machine, StartRecord]:
+    try:
+        machine.start()
+        ready = machine.wait_ready(timeout=boot_timeout)
+    except BaseException:
+        machine.kill()
+        raise
+    record.seconds = ready - machine.timings["launch"]
+    _say(timeline, "cold", **record.to_json())
+    return machine, record
+
+
+def _save(
+    machine: Machine,
+    cache: SnapshotCache,
+    key: SnapshotKey,
+    record: StartRecord,
+    timeline: Timeline | None,
+) -> None:
+    """Save the just-booted guest for later tests; a failure is recorded, never raised."""
+    started = now()
+    try:
+        snapshot = save(machine.qmp, cache, key, {"saved_by": str(machine.evidence_dir)})
+    except (SnapshotError, QmpError) as error:
+        record.saved = f"not saved: {error}"
+    else:
+        record.saved = (
+            str(snapshot.data_path) if snapshot is not None else "not saved: another test did"
+        )
+    _say(timeline, "snapshot-save", saved=record.saved, seconds=round(now() - started, 3))
+
+
+def restore_notes(meta: dict[str, Any], t: float) -> dict[str, Any]:
+    """What a restore changed compared with a cold boot (before the clock is synced)."""
+    return {
+        "snapshot_age_s": round(max(0.0, t - float(meta.get("saved_at", t))), 1),
+        "backing": (
+            f"QEMU's RAM backing holds the snapshot's {int(meta.get('data_bytes', 0)) >> 20}"
+            " MiB of non-zero pages; a cold boot also populates pages the guest zeroed"
+        ),
+        "rng": (
+            "the guest's RNG state is the snapshot's (identical in every restore);"
+            " vmgenid gave this QEMU a new generation ID, so the guest reseeded"
+        ),
+        "channels": "serial console, QMP and SSH are new; the console has no boot log",
+    }
+
+
+def sync_guest_clock(shell: GuestShell, record: StartRecord) -> None:
+    """Set a restored guest's clock to the host's (it stood still in the snapshot).
+
+    Records how far off it was; a guest that refuses is noted, not fatal (only a test
+    that compares guest and host wall time cares, and then the note says why).
+    """
+    if record.mode != "warm":
+        return
+    try:
+        before = shell.run(["date", "+%s"], timeout=20).stdout.strip()
+        host = int(time.time())
+        shell.run(["date", "-u", "-s", f"@{host}"], timeout=20)
+        record.notes["clock"] = f"guest clock was {host - int(before)} s behind; set to the host's"
+    except (CvmlabError, ValueError) as error:
+        record.notes["clock"] = f"guest clock not synced: {error}"

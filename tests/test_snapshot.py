@@ -1,0 +1,313 @@
+"""Warm start: the snapshot key, the cache's refusals, and real save/restore cycles.
+
+The pure tests build committed snapshots from small sparse files (what QEMU's
+mapped-ram format looks like to the cache: a sparse data file plus our metadata)
+and feed the cache each bug it must catch: a truncated or damaged data file, a
+snapshot of another QEMU, a cache directory open to others, two tests committing
+the same key. The `vm` tests boot real guests under QEMU: cold + save, restores,
+a snapshot QEMU rejects, and a save onto a full file system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.image import ImageManifest
+from orchestrator.qemu.launcher import Machine
+from orchestrator.qemu.snapshot import (
+    SnapshotCache,
+    SnapshotError,
+    SnapshotKey,
+    cache_dir,
+    cold_only_reason,
+    data_crc,
+    private_dir,
+    snapshot_key,
+)
+from orchestrator.qemu.spec import KernelBoot, MachineSpec, SnpGuest
+from orchestrator.qemu.warm import start_guest, sync_guest_clock
+
+BINARY = ["qemu-system-x86_64"]
+HASHES = {"vmlinuz": "aa" * 32, "initrd.img": "bb" * 32}
+
+
+def _spec(**changes: object) -> MachineSpec:
+    spec = MachineSpec(boot=KernelBoot(kernel="/img/vmlinuz", initrd="/img/initrd.img"))
+    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
+
+
+# --- the key -----------------------------------------------------------------------------
+
+
+def test_key_changes_with_image_spec_qemu_and_accelerator() -> None:
+    base = snapshot_key(_spec(), BINARY, "10.0.2", HASHES)
+    assert snapshot_key(_spec(), BINARY, "10.0.2", dict(HASHES)).digest == base.digest
+    changed = [
+        snapshot_key(_spec(), BINARY, "10.0.2", {**HASHES, "initrd.img": "cc" * 32}),
+        snapshot_key(_spec(memory=1 << 30), BINARY, "10.0.2", HASHES),
+        snapshot_key(_spec(), BINARY, "10.1.0", HASHES),
+        snapshot_key(_spec(), ["/opt/qemu/bin/qemu-system-x86_64"], "10.0.2", HASHES),
+        snapshot_key(_spec(accel="kvm"), BINARY, "10.0.2", HASHES),
+    ]
+    digests = {k.digest for k in changed}
+    assert base.digest not in digests and len(digests) == len(changed)
+
+
+def test_key_ignores_run_time_plumbing() -> None:
+    # The trace file path and the QMP fd differ per test; the guest's state does not.
+    key = snapshot_key(_spec(trace_events=("ram_block_discard_range",)), BINARY, "10.0.2", HASHES)
+    argv = key.parts["argv"]
+    assert "/trace" in argv and "vmgenid,id=vmgenid0,guid=auto" in argv
+    assert not any("fd=" in a for a in argv)
+
+
+def test_confidential_guests_and_old_qemu_cannot_be_snapshotted() -> None:
+    snp = _spec(confidential=SnpGuest(cbitpos=51, reduced_phys_bits=1))
+    reason = cold_only_reason(snp, (10, 0, 2))
+    assert reason is not None and "cannot be migrated" in reason
+    old = cold_only_reason(_spec(), (8, 2, 0))
+    assert old is not None and "mapped-ram" in old
+    assert cold_only_reason(_spec(), (10, 0, 2)) is None
+
+
+def test_cache_dir_follows_cvmlab_cache_then_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CVMLAB_CACHE", "/lab/cache")
+    assert cache_dir() == Path("/lab/cache/snapshots")
+    monkeypatch.delenv("CVMLAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert cache_dir() == Path("/xdg/cvmlab/snapshots")
+
+
+# --- the cache's refusals --------------------------------------------------------------------
+
+
+KEY = snapshot_key(_spec(), BINARY, "10.0.2", HASHES)
+
+
+def _committed(cache: SnapshotCache, key: SnapshotKey = KEY) -> Path:
+    """A committed snapshot whose data is sparse: a page of data, a hole, a page."""
+    data = cache.new_data_path(key)
+    with open(data, "r+b") as out:
+        out.write(b"QEVM" + bytes(range(256)) * 16)
+        out.seek(1 << 20)
+        out.write(b"\x5a" * 4096)
+    snapshot = cache.commit(key, data, {})
+    assert snapshot is not None
+    return snapshot.data_path
+
+
+def test_an_untouched_snapshot_is_found(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    data = _committed(cache)
+    found = cache.lookup(KEY)
+    assert found is not None and found.data_path == data
+    assert found.meta["data_bytes"] == 3 * 4096  # only the data extents (sparse)
+    assert os.stat(data).st_mode & 0o777 == 0o600
+    assert os.stat(cache.root).st_mode & 0o777 == 0o700
+
+
+def test_missing_snapshot_is_none(tmp_path: Path) -> None:
+    assert SnapshotCache(tmp_path / "snapshots").lookup(KEY) is None
+
+
+def test_truncated_snapshot_is_refused_and_forgotten(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    data = _committed(cache)
+    os.truncate(data, 4096)
+    with pytest.raises(SnapshotError, match="truncated"):
+        cache.lookup(KEY)
+    assert not data.exists() and cache.lookup(KEY) is None
+
+
+def test_damaged_snapshot_is_refused_by_its_crc(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    data = _committed(cache)
+    with open(data, "r+b") as out:
+        out.seek(1 << 20)
+        out.write(b"\xa5")
+    with pytest.raises(SnapshotError, match="damaged"):
+        cache.lookup(KEY)
+    assert not data.exists()
+
+
+def test_rewritten_with_the_same_bytes_is_still_accepted(tmp_path: Path) -> None:
+    # ctime moved, so the cache reads the data: same CRC, same snapshot.
+    cache = SnapshotCache(tmp_path / "snapshots")
+    data = _committed(cache)
+    with open(data, "r+b") as out:
+        out.write(b"QEVM")
+    assert cache.lookup(KEY) is not None
+
+
+def test_snapshot_of_another_qemu_is_refused(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    other = snapshot_key(_spec(), BINARY, "11.1.3", HASHES)
+    _committed(cache, other)
+    # Someone copied 11.1's snapshot under 10.0's name.
+    os.replace(cache.root / f"{other.digest}.json", cache.root / f"{KEY.digest}.json")
+    with pytest.raises(SnapshotError, match=r"another machine, image or QEMU \(its QEMU: 11.1.3\)"):
+        cache.lookup(KEY)
+
+
+def test_damaged_metadata_is_refused(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    _committed(cache)
+    (cache.root / f"{KEY.digest}.json").write_text("{not json")
+    with pytest.raises(SnapshotError, match=r"metadata .* is damaged"):
+        cache.lookup(KEY)
+
+
+def test_cache_dir_open_to_others_is_refused_not_fixed(tmp_path: Path) -> None:
+    root = tmp_path / "snapshots"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    with pytest.raises(SnapshotError, match="open to others") as caught:
+        SnapshotCache(root).lookup(KEY)
+    assert caught.value.fix == f"chmod 0700 {root}"
+    assert "\n" not in str(caught.value)
+    assert os.stat(root).st_mode & 0o777 == 0o755
+    with pytest.raises(SnapshotError):
+        private_dir(root)
+
+
+def test_a_data_file_open_to_others_is_refused(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    data = _committed(cache)
+    data.chmod(0o644)
+    with pytest.raises(SnapshotError, match="open to others"):
+        cache.lookup(KEY)
+
+
+def test_second_commit_of_a_key_loses_and_leaves_nothing(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    first = _committed(cache)
+    late = cache.new_data_path(KEY)
+    late.write_bytes(b"x" * 4096)
+    assert cache.commit(KEY, late, {}) is None
+    assert not late.exists()
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted(
+        [first.name, f"{KEY.digest}.json"]
+    )
+
+
+def test_data_crc_covers_offsets_not_only_bytes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for path, offset in ((a, 0), (b, 1 << 20)):
+        with open(path, "wb") as out:
+            out.truncate(2 << 20)
+            out.seek(offset)
+            out.write(b"\x11" * 4096)
+    assert data_crc(a)[0] != data_crc(b)[0]
+    assert data_crc(a)[1] == data_crc(b)[1] == 4096
+
+
+# --- real guests ------------------------------------------------------------------------------
+
+
+def _real_spec(image: ImageManifest) -> MachineSpec:
+    boot = KernelBoot(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=image.cmdline)
+    return MachineSpec(boot=boot, accel="tcg")
+
+
+def _start(image: ImageManifest, evidence: Path, cache: SnapshotCache) -> tuple[Machine, object]:
+    evidence.mkdir(parents=True, exist_ok=True)
+    return start_guest(
+        _real_spec(image), evidence, binary=BINARY, qemu_version=(10, 0, 2),
+        image_hashes=image.outputs, ready_marker=image.ready_marker, cache=cache,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Machine]]:
+    """Every Machine start_guest creates, to prove none is left running."""
+    made: list[Machine] = []
+    real_init = Machine.__init__
+
+    def init(self: Machine, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(Machine, "__init__", init)
+    yield made
+    for machine in made:
+        assert not machine.running
+
+
+@pytest.mark.vm
+def test_cold_then_warm_restores_a_working_reseeded_guest(
+    guest_image: ImageManifest, tmp_path: Path, spawned: list[Machine]
+) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    uuids = []
+    for n in range(3):
+        machine, record = _start(guest_image, tmp_path / f"run{n}", cache)
+        with machine:
+            shell = machine.ssh(guest_image.ssh_user, guest_image.ssh_key, guest_image.host_key)
+            sync_guest_clock(shell, record)  # type: ignore[arg-type]
+            uuids.append(shell.run(["cat", "/proc/sys/kernel/random/uuid"]).stdout.strip())
+            guest_time = int(shell.run(["date", "+%s"]).stdout.strip())
+            info = record.to_json()  # type: ignore[attr-defined]
+            if n == 0:
+                assert info["mode"] == "cold" and info["saved"].endswith(".ram")
+            else:
+                assert info["mode"] == "warm", info
+                assert machine.ready_by == "snapshot"
+                assert "behind; set to the host's" in info["notes"]["clock"]
+                assert "-incoming" in json.loads((tmp_path / f"run{n}/argv.json").read_text())
+            assert abs(guest_time - int(__import__("time").time())) < 30
+    # The restores started from one RNG state; vmgenid made them diverge.
+    assert uuids[1] != uuids[2]
+
+    # A snapshot QEMU rejects (damaged when it was saved: our identity and CRC agree
+    # with it): one reason line, the restoring QEMU stopped, a cold boot instead.
+    found = cache.lookup(snapshot_key(_real_spec(guest_image), BINARY, "10.0.2",
+                                      guest_image.outputs))  # fmt: skip
+    assert found is not None
+    with open(found.data_path, "r+b") as out:
+        out.write(b"NOT A QEMU STREAM")
+    meta = json.loads(found.meta_path.read_text())
+    st = found.data_path.stat()
+    meta["identity"] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    meta["crc32"] = data_crc(found.data_path)[0]
+    found.meta_path.write_text(json.dumps(meta))
+    before = len(spawned)
+    machine, record = _start(guest_image, tmp_path / "damaged", cache)
+    with machine:
+        info = record.to_json()  # type: ignore[attr-defined]
+        assert info["mode"] == "cold"
+        assert info["reason"].startswith("snapshot restore failed: QEMU's migration failed")
+        assert "\n" not in info["reason"]
+        assert spawned[before].incoming and not spawned[before].running
+        assert info["saved"].endswith(".ram")  # a good snapshot replaces the bad one
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root")
+def test_a_full_disk_while_saving_boots_cold_and_leaves_nothing(
+    guest_image: ImageManifest, tmp_path: Path, spawned: list[Machine]
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(small)],
+                   check=True)  # fmt: skip
+    try:
+        cache = SnapshotCache(small / "snapshots")
+        machine, record = _start(guest_image, tmp_path / "run", cache)
+        with machine:
+            info = record.to_json()  # type: ignore[attr-defined]
+            assert info["mode"] == "cold"
+            assert info["saved"].startswith("not saved: QEMU's migration failed")
+            # The guest runs on after the failed save.
+            shell = machine.ssh(guest_image.ssh_user, guest_image.ssh_key, guest_image.host_key)
+            assert shell.run("true").exit_status == 0
+        assert list(cache.root.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
