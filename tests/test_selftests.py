@@ -254,16 +254,14 @@ def test_show_without_a_build_is_one_error_line(
 # --------------------------------------------------------------------------- the real source
 
 
-def test_targets_in_the_real_73_source() -> None:
-    """x86 programs live in x86/ since 6.13; the common ones at the top; lists checked."""
-    source = kb.fetch_source("7.3", lambda line: None)
+@pytest.mark.parametrize(("series", "x86_dir"), [("7.3", "x86"), ("6.12", "x86_64")])
+def test_targets_in_the_real_sources(series: str, x86_dir: str) -> None:
+    """x86 programs live in x86_64/ up to 6.12 and x86/ since; common ones at the top."""
+    source = kb.fetch_source(series, lambda line: None)
     kvm_dir = source.tree / st.KVM_DIR
     makefile = st.kvm_makefile_text(kvm_dir)
-    assert locate_test(kvm_dir, makefile, "guest_memfd_test") == "guest_memfd_test"
-    assert locate_test(kvm_dir, makefile, "set_memory_region_test") == "set_memory_region_test"
-    assert locate_test(kvm_dir, makefile, "pre_fault_memory_test") == "pre_fault_memory_test"
-    assert (
-        locate_test(kvm_dir, makefile, "private_mem_conversions_test")
-        == "x86/private_mem_conversions_test"
-    )
+    for common in ("guest_memfd_test", "set_memory_region_test", "pre_fault_memory_test"):
+        assert locate_test(kvm_dir, makefile, common) == common
+    for private in ("private_mem_conversions_test", "private_mem_kvm_exits_test"):
+        assert locate_test(kvm_dir, makefile, private) == f"{x86_dir}/{private}"
     assert locate_test(kvm_dir, makefile, "no_such_test") is None

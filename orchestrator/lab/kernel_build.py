@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -154,8 +155,9 @@ class KernelBuildError(LabError):
 # --------------------------------------------------------------------------- the config
 
 
-def fragment_text(fragment: Sequence[tuple[str, str]] = FRAGMENT) -> str:
+def fragment_text(fragment: Sequence[tuple[str, str]] | None = None) -> str:
     """The fragment as `.config` lines: part of the cache key and written beside the kernel."""
+    fragment = FRAGMENT if fragment is None else fragment
     lines = [f'CONFIG_LOCALVERSION="{LOCALVERSION}"']
     for symbol, value in fragment:
         lines.append(
@@ -165,9 +167,10 @@ def fragment_text(fragment: Sequence[tuple[str, str]] = FRAGMENT) -> str:
 
 
 def scripts_config_argv(
-    source: Path, config: Path, fragment: Sequence[tuple[str, str]] = FRAGMENT
+    source: Path, config: Path, fragment: Sequence[tuple[str, str]] | None = None
 ) -> list[str]:
     """`scripts/config` applying the fragment to `config` (argv, no shell)."""
+    fragment = FRAGMENT if fragment is None else fragment
     argv = [str(source / "scripts" / "config"), "--file", str(config)]
     argv += ["--set-str", "LOCALVERSION", LOCALVERSION, "-d", "LOCALVERSION_AUTO"]
     for symbol, value in fragment:
@@ -197,7 +200,7 @@ def parse_config(text: str) -> dict[str, str]:
 
 
 def config_mismatches(
-    config_text: str, fragment: Sequence[tuple[str, str]] = FRAGMENT
+    config_text: str, fragment: Sequence[tuple[str, str]] | None = None
 ) -> list[str]:
     """Symbols of the fragment the final `.config` does not have as asked ("KVM_AMD=n, wanted y").
 
@@ -205,7 +208,7 @@ def config_mismatches(
     """
     values = parse_config(config_text)
     wrong = []
-    for symbol, wanted in fragment:
+    for symbol, wanted in FRAGMENT if fragment is None else fragment:
         seen = values.get(symbol, "n")
         if seen != wanted:
             shown = "absent" if symbol not in values else seen
@@ -437,8 +440,13 @@ def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _count_compiled(stream: IO[bytes]) -> int:
-    """Compile steps ("  CC ", "  AS ") in the log since the last call."""
-    return sum(1 for line in stream.read().splitlines() if line.startswith((b"  CC ", b"  AS ")))
+    """Compile steps in the log since the last call: kbuild's "  CC "/"  AS " lines, and
+    the full `gcc ... -c` commands that the selftests' Makefiles echo."""
+    return sum(
+        1
+        for line in stream.read().splitlines()
+        if line.startswith((b"  CC ", b"  AS ")) or (line.startswith(b"gcc ") and b" -c " in line)
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -548,6 +556,31 @@ def build_inputs(source: KernelSource, tools: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _children_cpu() -> float:
+    """User + system seconds of every child process this one has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def configure(source: KernelSource, objects: Path, log: Path, progress: Progress) -> str:
+    """Write `objects/.config`: the base targets, FRAGMENT, olddefconfig; return its text.
+
+    Raises KernelBuildError naming every symbol of FRAGMENT that Kconfig did not keep.
+    """
+    make = ["make", "-C", str(source.tree), f"O={objects}"]
+    run_logged([*make, *BASE_TARGETS], log, "configure (defconfig + kvm_guest.config)", progress)
+    run_logged(scripts_config_argv(source.tree, objects / ".config"), log, "fragment", progress)
+    run_logged([*make, "olddefconfig"], log, "olddefconfig", progress)
+    config_text = (objects / ".config").read_text()
+    wrong = config_mismatches(config_text)
+    if wrong:
+        raise KernelBuildError(
+            f"the kernel config lost what the lab needs: {'; '.join(wrong)}",
+            f"this source lacks those symbols or their dependencies; see {objects / '.config'}",
+        )
+    return config_text
+
+
 def build_kernel(
     source: KernelSource, progress: Progress, jobs: int | None = None, force: bool = False
 ) -> BuiltKernel:
@@ -572,26 +605,17 @@ def build_kernel(
         objects.mkdir(mode=0o700, parents=True, exist_ok=True)
         log = objects / "build.log"
         log.write_text(f"cvmlab kernel build {name}\n{json.dumps(inputs, indent=2)}\n")
-        make = ["make", "-C", str(source.tree), f"O={objects}"]
         timings: dict[str, float] = {}
         progress(f"building {label} (sw-protected) with {jobs} jobs in {objects}")
-        timings["configure"] = run_logged(
-            [*make, *BASE_TARGETS], log, "configure (defconfig + kvm_guest.config)", progress
-        )
-        timings["configure"] += run_logged(
-            scripts_config_argv(source.tree, objects / ".config"), log, "apply fragment", progress
-        )
-        timings["configure"] += run_logged([*make, "olddefconfig"], log, "olddefconfig", progress)
-        config_text = (objects / ".config").read_text()
-        wrong = config_mismatches(config_text)
-        if wrong:
-            raise KernelBuildError(
-                f"the kernel config lost what the lab needs: {'; '.join(wrong)}",
-                f"this source lacks those symbols or their dependencies; see {objects / '.config'}",
-            )
-        timings["bzImage"] = run_logged(
-            [*make, f"-j{jobs}", "bzImage"], log, "build bzImage", progress
-        )
+        started = time.monotonic()
+        config_text = configure(source, objects, log, progress)
+        timings["configure"] = time.monotonic() - started
+        make = ["make", "-C", str(source.tree), f"O={objects}", f"-j{jobs}", "bzImage"]
+        cpu_before = _children_cpu()
+        timings["bzImage"] = run_logged(make, log, "build bzImage", progress)
+        # CPU time as well as wall: on a shared machine the wall time says more about the
+        # neighbours than about the kernel.
+        timings["bzImage_cpu"] = _children_cpu() - cpu_before
         bzimage = objects / "arch" / "x86" / "boot" / "bzImage"
         return _publish(final, objects, bzimage, config_text, log, inputs, timings, source)
 
@@ -684,7 +708,12 @@ def kernel_build_main(argv: list[str]) -> int:
         return 2
     manifest = built.manifest
     seconds = manifest.get("seconds", {})
-    took = f" (bzImage built in {_elapsed(seconds['bzImage'])})" if "bzImage" in seconds else ""
+    took = ""
+    if "bzImage" in seconds:
+        took = f" (bzImage built in {_elapsed(seconds['bzImage'])} wall"
+        if "bzImage_cpu" in seconds:
+            took += f", {_elapsed(seconds['bzImage_cpu'])} CPU"
+        took += ")"
     progress(f"kernel {manifest['release']}{took}")
     print(built.bzimage)
     return 0
