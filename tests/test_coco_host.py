@@ -286,3 +286,11 @@ def test_a_quote_service_socket_that_refuses_is_named_and_one_that_listens_passe
             server.bind(str(path))
             server.listen(1)
             assert quote_service_problem(qgs) is None
+
+
+def test_an_unreadable_msr_falls_back_to_the_kernel_status_line() -> None:
+    """No msr module (the default image ships none): the script prints "@msr unreadable"."""
+    text = SNP_GUEST.format(status="SEV SEV-ES SEV-SNP") + "@msr unreadable\n"
+    coco = parse_coco_report(text, NONCE)
+    assert coco.sev_status_msr is None and coco.cpu_evidence("sev-snp")[1]
+    assert any("SEV_STATUS MSR" in e for e in coco.errors)
