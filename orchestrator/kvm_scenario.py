@@ -68,7 +68,7 @@ class KvmScenario(Scenario):
     """
 
     tiers: tuple[str, ...] = ("gmem",)
-    timeout = 120
+    timeout = 300  # the lab runs under TCG on a shared machine: set-up alone can take a minute
 
     facts: KvmFacts
     kvm: Kvm

@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,22 @@ def test_the_harness_leaves_no_fd_behind() -> None:
     with Kvm(FACTS.device) as kvm, TinyVm(kvm) as tiny:
         tiny.run(guest_code.HLT, timeout=30)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+@needs_kvm
+def test_the_deadline_works_when_the_vcpu_runs_outside_the_main_thread() -> None:
+    """avocado runs test methods outside the main thread: the kick handler must not need it."""
+    seen: list[BaseException] = []
+
+    def body() -> None:
+        with Kvm(FACTS.device) as kvm, TinyVm(kvm) as tiny:
+            try:
+                tiny.run(guest_code.SPIN, timeout=0.5)
+            except RunawayGuest as exc:
+                seen.append(exc)
+
+    runner = threading.Thread(target=body)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert len(seen) == 1 and isinstance(seen[0], RunawayGuest)

@@ -161,21 +161,43 @@ def parse_exit(run: bytes, err: int = 0, timed_out: bool = False) -> VcpuExit:
     return VcpuExit(reason, err, timed_out, detail)
 
 
-def _install_kick_handler() -> None:
-    """Give KICK_SIGNAL a do-nothing handler, so it interrupts KVM_RUN instead of killing.
+class _Sigaction(ctypes.Structure):
+    """glibc's `struct sigaction` on x86-64 (bits/sigaction.h): 152 bytes."""
 
-    Python installs handlers only from the main thread; harness objects are
-    created there (avocado and pytest run tests in it).
+    _fields_ = (
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_ulong * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    )
+
+
+_sigaction = _libc.sigaction
+_sigaction.argtypes = (ctypes.c_int, ctypes.POINTER(_Sigaction), ctypes.POINTER(_Sigaction))
+_sigaction.restype = ctypes.c_int
+
+
+def _install_kick_handler() -> None:
+    """Give KICK_SIGNAL a do-nothing C handler, so it interrupts KVM_RUN instead of killing.
+
+    Python's `signal.signal` works only in the main thread, and avocado runs a
+    test method in another one; sigaction(2) is process-wide and callable from
+    any thread. The handler must be a C function that is safe in signal
+    context and ignores its argument: libc's `getpid` is both (a Python
+    callback would take the GIL inside a signal handler). No SA_RESTART, so
+    the signal ends KVM_RUN with EINTR. An existing handler is kept.
     """
-    current = signal.getsignal(KICK_SIGNAL)
-    if callable(current):
+    old = _Sigaction()
+    if _sigaction(KICK_SIGNAL, None, ctypes.byref(old)) != 0:
+        err = ctypes.get_errno()
+        raise KvmIoctlError(err, f"sigaction({KICK_SIGNAL})")
+    if old.sa_handler not in (None, 0):  # SIG_DFL is 0: anything else is a handler already
         return
-    if threading.current_thread() is not threading.main_thread():
-        raise HarnessError(
-            "the vCPU deadline signal has no handler and this is not the main thread",
-            "create the first Vcpu in the main thread (it installs the handler)",
-        )
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    action = _Sigaction()
+    action.sa_handler = ctypes.cast(_libc.getpid, ctypes.c_void_p).value
+    if _sigaction(KICK_SIGNAL, ctypes.byref(action), None) != 0:
+        err = ctypes.get_errno()
+        raise KvmIoctlError(err, f"sigaction({KICK_SIGNAL})")
 
 
 class Vcpu(KvmFd):
@@ -187,12 +209,16 @@ class Vcpu(KvmFd):
         super().__init__(fd)
         self.vcpu_id = vcpu_id
         try:
+            _install_kick_handler()
+        except BaseException:
+            super().close()
+            raise
+        try:
             self._run = mmap.mmap(fd, run_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
         except OSError as exc:
             super().close()
             raise KvmIoctlError(exc.errno or 0, f"mmap(vCPU {vcpu_id} kvm_run)") from None
-        _install_kick_handler()
 
     def close(self) -> None:
         if not self.closed:
