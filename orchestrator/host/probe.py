@@ -42,7 +42,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIER_NAMES = ("tcg", "kvm", "gmem", "sw-protected", "snp", "tdx")
+TIER_NAMES = ("tcg", "kvm", "gmem", "sw-protected", "snp", "tdx", "nested")
+# Set by `cvmlab lab` for the command it runs inside the kernel under test.
+LAB_ENV = {
+    "origin": "CVMLAB_LAB_KERNEL_ORIGIN",
+    "outer_host_kernel": "CVMLAB_LAB_HOST_KERNEL",
+    "outer_qemu": "CVMLAB_LAB_OUTER_QEMU",
+}
 VENDOR_KVM_MODULES = ("kvm_intel", "kvm_amd")
 ACCEL_CHECK_TIMEOUT_S = 15.0
 
@@ -110,6 +116,9 @@ class HostInfo:
     cpu_flags: tuple[str, ...]  # the virtualisation-related cpuinfo flags present
     module_params: dict[str, str]  # "kvm_intel.tdx" -> "Y", for every parameter read
     kvm_modules: tuple[str, ...]  # kvm* entries under /sys/module
+    # Inside `cvmlab lab`: the kernel under test (this kernel), where it came from, and the
+    # outer host's kernel and QEMU; None on a plain host.
+    lab: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -576,6 +585,50 @@ def _firmware_problem(what: str, evidence: dict[str, Any], kind: FirmwareKind) -
     )
 
 
+def _nested_tier(qemu: QemuFacts | None, qemu_error: str | None) -> Tier:
+    """The kernel-under-test lab (`cvmlab lab`): TCG's `-cpu max` must offer SVM and NPT.
+
+    The lab boots a kernel of the user's choice under TCG; kvm_amd loads there because
+    TCG emulates AMD SVM with nested paging, so kvm and gmem inside are the chosen
+    kernel's, whatever this host's kernel has.
+    """
+    if qemu is None:
+        return Tier("nested", False, qemu_error or "QEMU was not introspected", {})
+    evidence: dict[str, Any] = {
+        "qemu": qemu.binary,
+        "version": str(qemu.version),
+        "tcg_max_cpu": dict(qemu.tcg_max_cpu),
+        "kernel_under_test": "chosen per run: cvmlab lab --kernel SERIES, or --vmlinuz PATH",
+    }
+    if "tcg" not in qemu.accelerators:
+        return Tier("nested", False, f"{qemu.describe()} was built without TCG", evidence)
+    missing = [f for f in ("svm", "npt") if not qemu.tcg_max_cpu.get(f)]
+    if missing:
+        return Tier(
+            "nested",
+            False,
+            f"{qemu.describe()}'s TCG `-cpu max` lacks {' and '.join(missing)}: kvm_amd "
+            "cannot load in the lab; install QEMU >= 10.0 (ci/setup-host.sh)",
+            evidence,
+        )
+    return Tier(
+        "nested",
+        True,
+        f"{qemu.describe()} emulates SVM with nested paging under TCG: `cvmlab lab` gives "
+        "real kvm and gmem on a kernel under test",
+        evidence,
+    )
+
+
+def _lab_facts(release: str) -> dict[str, str] | None:
+    """The lab's own facts when this probe runs inside `cvmlab lab`, else None."""
+    if os.environ.get("CVMLAB_LAB") != "1":
+        return None
+    facts = {"kernel_under_test": release}
+    facts.update({key: os.environ.get(name, "unknown") for key, name in LAB_ENV.items()})
+    return facts
+
+
 # --- the optional boot check ------------------------------------------------------------------
 
 
@@ -715,6 +768,7 @@ def probe_host(
         "sw-protected": _kvm_fact_tier("sw-protected", kvm, why_no_kvm),
         "snp": _snp_tier(host, qemu, flags, snp_firmware, kvm),
         "tdx": _tdx_tier(host, qemu, flags, tdx_firmware, kvm),
+        "nested": _nested_tier(qemu, qemu_error),
     }
     # Nested virtualisation support of the vendor module, as evidence.
     for module in VENDOR_KVM_MODULES:
@@ -731,5 +785,6 @@ def probe_host(
         ),
         module_params=dict(sorted(host.params.items())),
         kvm_modules=host.kvm_modules(),
+        lab=_lab_facts(_kernel_release(host)),
     )
     return HostProbe(tiers, qemu, kvm, info, time.monotonic() - started, qemu_error)

@@ -82,6 +82,11 @@ def format_table(probe: HostProbe) -> str:
     where = "nested (cpuinfo hypervisor flag)" if host.nested else "bare metal"
     lines.append("")
     lines.append(f"host: Linux {host.kernel_release}, {host.cpu_model}, {where}")
+    if host.lab is not None:
+        lines.append(
+            f"lab: kernel under test {host.lab['kernel_under_test']} ({host.lab['origin']}); "
+            f"outer host Linux {host.lab['outer_host_kernel']}, {host.lab['outer_qemu']}"
+        )
     lines.append(f"kvm modules: {', '.join(host.kvm_modules) or 'none'}")
     if host.module_params:
         params = ", ".join(f"{k}={v}" for k, v in host.module_params.items())

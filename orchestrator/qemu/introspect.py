@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from orchestrator.errors import QemuError
 from orchestrator.qemu.spawn import spawn
@@ -52,8 +52,11 @@ TYPES_OF_INTEREST = (
     "pvpanic-pci",
 )
 
+# CPU features of `-cpu max` under TCG that the lab tier depends on.
+TCG_CPU_FEATURES = ("svm", "npt", "vmx")
+
 # Bump when QemuFacts' JSON changes, so old cache entries are ignored.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 DEFAULT_TIMEOUT_S = 10.0
 
 FIX_MISSING = (
@@ -80,6 +83,9 @@ class QemuFacts:
     properties: Mapping[str, Mapping[str, str]] = field(hash=False)
     probe_s: float  # wall time of the QEMU start + QMP exchange that produced this
     from_cache: bool = False
+    # The virtualisation features of `-cpu max` under TCG (svm, npt, vmx -> on/off): TCG
+    # emulates AMD SVM with nested paging, which is what the kernel-under-test lab needs.
+    tcg_max_cpu: Mapping[str, bool] = field(default_factory=dict, hash=False)
 
     def describe(self) -> str:
         """How error messages name it: "QEMU 10.0.2 (/usr/bin/qemu-system-x86_64)"."""
@@ -106,6 +112,7 @@ class QemuFacts:
             "types": sorted(self.types),
             "properties": {t: dict(sorted(p.items())) for t, p in sorted(self.properties.items())},
             "probe_s": self.probe_s,
+            "tcg_max_cpu": dict(sorted(self.tcg_max_cpu.items())),
         }
 
     @classmethod
@@ -123,6 +130,7 @@ class QemuFacts:
                 for t, props in data["properties"].items()
             },
             probe_s=float(data["probe_s"]),
+            tcg_max_cpu={str(k): bool(v) for k, v in data.get("tcg_max_cpu", {}).items()},
         )
 
 
@@ -247,6 +255,18 @@ async def _ask(sock: socket.socket) -> dict[str, Any]:
                 answers["properties"][type_name] = await client.execute(
                     "qom-list-properties", {"typename": type_name}
                 )
+        kvm_state = cast(dict[str, Any], await client.execute("query-kvm"))
+        if not kvm_state.get("enabled"):
+            # `-machine none` runs under QEMU's default accelerator, TCG: `max` as TCG
+            # emulates it (under KVM it would be the host CPU's features instead).
+            expansion = cast(
+                dict[str, Any],
+                await client.execute(
+                    "query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}}
+                ),
+            )
+            props = expansion.get("model", {}).get("props", {})
+            answers["tcg_max_cpu"] = {k: bool(props[k]) for k in TCG_CPU_FEATURES if k in props}
         await client.execute("quit")
         return answers
     finally:
@@ -278,6 +298,7 @@ def _facts_from_answers(
             for type_name, props in answers["properties"].items()
         },
         probe_s=probe_s,
+        tcg_max_cpu=answers.get("tcg_max_cpu", {}),
     )
 
 
