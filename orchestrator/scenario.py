@@ -66,7 +66,7 @@ from orchestrator.qemu.spec import (
     spec_from_params,
 )
 from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
-from orchestrator.qemu.warm import start_guest, sync_guest_clock
+from orchestrator.qemu.warm import finish_start, start_guest
 from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline, now
 from orchestrator.units import MiB
@@ -318,7 +318,7 @@ class MachineScenario(Scenario):
         self.teardown_watch = TeardownWatch(extra_markers=(str(self.evidence_dir),))
         self.start_guest()
         self.guest = self.machine.ssh(self.image.ssh_user, self.image.ssh_key, self.image.host_key)
-        sync_guest_clock(self.guest, self.start)
+        finish_start(self.machine, self.guest, self.start)
         self.record_start()
 
     def start_guest(self) -> None:
@@ -355,9 +355,10 @@ class MachineScenario(Scenario):
             allowed = start.mode == "cold"
             why = f"a cold-only scenario booted cold ({self.cold_boot})"
         elif start.mode == "warm":
-            status = self.machine.qmp.execute("query-status")["status"]
-            allowed = self.machine.ready_by == "snapshot" and status == "running"
-            why = f"the guest was restored and runs ({start.reason})"
+            # Ready is marked only after the restored guest answered SSH (its clock set);
+            # no QMP here: whatever runs after ready is a step `cvmlab repro` replays.
+            allowed = self.machine.ready_by == "snapshot" and self.machine.running
+            why = f"the guest was restored and answers SSH ({start.reason})"
         else:
             allowed = True
             why = f"the guest booted cold: {start.reason}"

@@ -33,7 +33,7 @@ from orchestrator.qemu.snapshot import (
     snapshot_key,
 )
 from orchestrator.qemu.spec import KernelBoot, MachineSpec, SnpGuest
-from orchestrator.qemu.warm import start_guest, sync_guest_clock
+from orchestrator.qemu.warm import finish_start, start_guest
 
 BINARY = ["qemu-system-x86_64"]
 HASHES = {"vmlinuz": "aa" * 32, "initrd.img": "bb" * 32}
@@ -251,7 +251,7 @@ def test_cold_then_warm_restores_a_working_reseeded_guest(
         machine, record = _start(guest_image, tmp_path / f"run{n}", cache)
         with machine:
             shell = machine.ssh(guest_image.ssh_user, guest_image.ssh_key, guest_image.host_key)
-            sync_guest_clock(shell, record)  # type: ignore[arg-type]
+            finish_start(machine, shell, record)  # type: ignore[arg-type]
             uuids.append(shell.run(["cat", "/proc/sys/kernel/random/uuid"]).stdout.strip())
             guest_time = int(shell.run(["date", "+%s"]).stdout.strip())
             info = record.to_json()  # type: ignore[attr-defined]
@@ -311,3 +311,44 @@ def test_a_full_disk_while_saving_boots_cold_and_leaves_nothing(
         assert list(cache.root.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# --- the evidence: report and repro know the start ------------------------------------------
+
+
+def test_report_page_shows_cold_or_warm(tmp_path: Path) -> None:
+    from orchestrator.report.html import _start_cell
+
+    assert "not recorded" in _start_cell(tmp_path)
+    (tmp_path / "start.json").write_text(
+        json.dumps({"mode": "warm", "reason": "restored snapshot k.ram", "seconds": 0.41})
+    )
+    cell = _start_cell(tmp_path)
+    assert '<span id="start">warm</span>' in cell and "restored snapshot k.ram" in cell
+    assert "0.41 s" in cell
+
+
+def test_repro_of_a_warm_test_restores_or_boots_cold_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.repro.replay import warm_start_of, without_incoming
+
+    monkeypatch.setenv("CVMLAB_CACHE", str(tmp_path / "cache"))
+    argv = ["qemu", "-name", "x", "-device", "vmgenid,id=vmgenid0,guid=auto", "-incoming", "defer"]
+    assert without_incoming(argv) == argv[:-2]
+    evidence = tmp_path / "data"
+    evidence.mkdir()
+    assert warm_start_of(evidence, argv) == (None, None)  # no start.json: an older bundle
+    cache = SnapshotCache()
+    data = _committed(cache)
+    start = {"mode": "warm", "reason": "restored", "key": KEY.digest}
+    (evidence / "start.json").write_text(json.dumps(start))
+    snapshot, record = warm_start_of(evidence, argv)
+    assert snapshot is not None and snapshot.data_path == data and record is not None
+    data.unlink()
+    snapshot, record = warm_start_of(evidence, argv)
+    assert snapshot is None and record is not None
+    assert record.reason.startswith("the snapshot was refused: snapshot data")
+    (evidence / "start.json").write_text(json.dumps({**start, "mode": "cold"}))
+    snapshot, record = warm_start_of(evidence, without_incoming(argv))
+    assert snapshot is None and record is not None and record.mode == "cold"

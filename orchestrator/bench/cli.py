@@ -13,7 +13,9 @@ Each bench names what it measures, in wall-clock seconds:
 - `punch`: a balloon inflate by 64 MiB (the guest gives pages back, QEMU
   discards them), from the QMP `balloon` command until the host backing has
   settled, per backend (figures only, no target). It is not a host-side hole
-  punch: it times the path a guest takes to return memory.
+  punch: it times the path a guest takes to return memory;
+- `warm`: a guest restored from a snapshot to a working SSH command against a
+  cold boot of the same machine (target <= 0.15x); see orchestrator.bench.warm.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from orchestrator.bench.core import BenchResult
 from orchestrator.bench.punch import bench_punch
 from orchestrator.bench.report import bench_report
 from orchestrator.bench.repro import bench_repro
+from orchestrator.bench.warm import bench_warm
 from orchestrator.errors import CvmlabError
 
 #: Every bench by name; a new bench registers here (`cvmlab bench NAME`).
@@ -37,6 +40,7 @@ BENCHES: dict[str, Callable[[int, str, Callable[[str], None]], BenchResult]] = {
     "report": bench_report,
     "repro": bench_repro,
     "punch": bench_punch,
+    "warm": bench_warm,
 }
 
 

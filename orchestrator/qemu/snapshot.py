@@ -328,6 +328,16 @@ class SnapshotCache:
             self.discard(key)
             raise
 
+    def lookup_digest(self, digest: str) -> Snapshot | None:
+        """The snapshot a test's start.json names by its key digest (`cvmlab repro`),
+        checked as lookup() checks it; None when it is no longer in the cache."""
+        try:
+            parts = json.loads((self.root / f"{Path(digest).name}.json").read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        key = SnapshotKey(parts)
+        return self.lookup(key) if key.digest == digest else None
+
     def _check(self, key: SnapshotKey, meta_path: Path, text: str) -> Snapshot:
         try:
             meta = json.loads(text)

@@ -104,7 +104,7 @@ def start_guest(
             warm.start()
             started = warm.timings["launch"]
             restore(warm.qmp, snapshot)
-            ready = warm.mark_ready("snapshot")
+            ready = now()  # running; marked ready once its clock is set (finish_start)
         except (SnapshotError, QmpError) as error:
             # QEMU refused the stream (damaged, another QEMU's), or the restore stuck.
             warm.kill()
@@ -180,14 +180,21 @@ def restore_notes(meta: dict[str, Any], t: float) -> dict[str, Any]:
     }
 
 
-def sync_guest_clock(shell: GuestShell, record: StartRecord) -> None:
-    """Set a restored guest's clock to the host's (it stood still in the snapshot).
+def finish_start(machine: Machine, shell: GuestShell, record: StartRecord) -> None:
+    """After SSH is up: set a restored guest's clock to the host's (it stood still in
+    the snapshot), then mark the machine ready.
 
-    Records how far off it was; a guest that refuses is noted, not fatal (only a test
-    that compares guest and host wall time cares, and then the note says why).
+    Ready comes after the clock commands, so `cvmlab repro` (which replays what came
+    after ready) does not replay them. The offset is recorded; a guest that refuses
+    is noted, not fatal (only a test comparing guest and host wall time cares).
     """
     if record.mode != "warm":
         return
+    _sync_clock(shell, record)
+    machine.mark_ready("snapshot")
+
+
+def _sync_clock(shell: GuestShell, record: StartRecord) -> None:
     try:
         before = shell.run(["date", "+%s"], timeout=20).stdout.strip()
         host = int(time.time())

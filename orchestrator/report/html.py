@@ -257,6 +257,22 @@ def _evidence_list(result: TestResult, job_href: str) -> str:
     return f'<ul id="evidence">{items}</ul>'
 
 
+def _start_cell(data_dir: Path | None) -> str:
+    """Cold or warm (restored from a snapshot), with the reason, from start.json."""
+    try:
+        start = json.loads((data_dir / "start.json").read_text()) if data_dir else None
+    except (OSError, ValueError):
+        start = None
+    if not isinstance(start, dict):
+        return '<span class="muted">not recorded</span>'
+    seconds = start.get("seconds")
+    took = f", ready in {seconds:.2f} s" if isinstance(seconds, int | float) else ""
+    return (
+        f'<span id="start">{escape(str(start.get("mode", "?")))}</span>'
+        f" ({escape(str(start.get('reason', '')))}{took})"
+    )
+
+
 def render_test_page(job: Job, result: TestResult, job_href: str) -> str:
     data_dir = result.data_dir
     timeline = read_timeline(data_dir / "timeline.jsonl") if data_dir is not None else None
@@ -267,6 +283,7 @@ def render_test_page(job: Job, result: TestResult, job_href: str) -> str:
         ("host", escape(result.host)),
         ("job", f"{escape(job.short_id)} ({escape(job.path.name)}, {escape(job.start)})"),
         ("time", f"{result.elapsed:.2f} s" if result.elapsed is not None else "?"),
+        ("start", _start_cell(data_dir)),
     ]
     body = [
         f'<p><a href="../{INDEX_NAME}">&larr; matrix</a></p>',

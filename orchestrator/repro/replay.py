@@ -30,6 +30,7 @@ their text, as the test sent them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -52,6 +53,15 @@ from orchestrator.qemu.argv import (
 )
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.qmp import QmpCommandError
+from orchestrator.qemu.snapshot import (
+    INCOMING_ARGS,
+    Snapshot,
+    SnapshotCache,
+    SnapshotError,
+    StartRecord,
+    restore,
+)
+from orchestrator.qemu.warm import finish_start
 from orchestrator.repro.bundle import ReproBundle, ReproError
 from orchestrator.repro.steps import Step
 from orchestrator.timeline import Timeline, now
@@ -118,6 +128,38 @@ def replug(recorded: Sequence[str], plumbing: Plumbing) -> list[str]:
     elif plumbing.trace_file:
         argv += ["-D", plumbing.trace_file]
     return argv
+
+
+def without_incoming(argv: Sequence[str]) -> list[str]:
+    """A restored test's argv as a cold boot: without `-incoming defer`."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == INCOMING_ARGS[0] and out[i + 1] == INCOMING_ARGS[1]:
+            del out[i : i + 2]
+            break
+    return out
+
+
+def warm_start_of(
+    evidence_dir: Path, argv: Sequence[str]
+) -> tuple[Snapshot | None, StartRecord | None]:
+    """How the test's guest started (its start.json) and, for a warm start, the same
+    snapshot if the cache still has it unchanged (else the repro boots cold)."""
+    try:
+        raw = json.loads((Path(evidence_dir) / "start.json").read_text())
+        start = StartRecord(raw["mode"], str(raw["reason"]), key=raw.get("key"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if start.mode != "warm" or INCOMING_ARGS[0] not in argv or not start.key:
+        return None, start
+    try:
+        snapshot = SnapshotCache().lookup_digest(start.key)
+    except SnapshotError as error:
+        start.reason = f"the snapshot was refused: {error}"
+        return None, start
+    if snapshot is None:
+        start.reason = "the snapshot is no longer in the cache"
+    return snapshot, start
 
 
 class ReplayMachine(Machine):
@@ -420,10 +462,16 @@ def reproduce(
     drift = argv_drift(bundle)
     if drift:
         say(f"note: running the recorded QEMU command; {drift}")
+    snapshot, start = warm_start_of(bundle.evidence_dir, bundle.qemu_argv)
+    argv = bundle.qemu_argv if snapshot is not None else without_incoming(bundle.qemu_argv)
+    if start is not None:
+        say(f"note: the test's guest started {start.mode}; " + (
+            f"restoring the same snapshot {snapshot.data_path.name}" if snapshot is not None
+            else f"this run boots cold ({start.reason})"))  # fmt: skip
     signals = _StopSignals()
     with signals.installed(), Timeline(directory / "timeline.jsonl") as timeline:
         machine = ReplayMachine(
-            bundle.qemu_argv,
+            argv,
             bundle.spec,
             directory,
             binary=binary_prefix(bundle.qemu_argv),
@@ -433,10 +481,15 @@ def reproduce(
         )
         with machine:
             machine.start()
-            machine.wait_ready(boot_timeout)
+            if snapshot is not None:
+                restore(machine.qmp, snapshot)
+            else:
+                machine.wait_ready(boot_timeout)
             shell = None
             if machine.ssh_port is not None:
                 shell = machine.ssh(image.ssh_user, image.ssh_key, image.host_key)
+                if snapshot is not None and start is not None:
+                    finish_start(machine, shell, start)
                 known = directory / "known_hosts"
                 known.write_text(known_hosts_line(machine.ssh_port, image.host_key))
                 known.chmod(0o600)
