@@ -9,6 +9,8 @@ from orchestrator.errors import SpecError
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+#: The x86 base page: the unit of guest conversions, punches and SEEK_DATA walks.
+PAGE = 4096
 
 _SUFFIX = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -35,3 +37,8 @@ def format_size(nbytes: int) -> str:
         if nbytes >= unit and nbytes % unit == 0:
             return f"{nbytes // unit}{suffix}"
     return str(nbytes)
+
+
+def kib(nbytes: float) -> int:
+    """Bytes -> KiB, rounded: memory verdicts speak KiB, like /proc/meminfo."""
+    return round(nbytes / 1024)

@@ -41,7 +41,7 @@ from orchestrator.host.settle import settle
 from orchestrator.invariants.host_memory import discard_verdict
 from orchestrator.invariants.verdict import Tolerance, holds, within
 from orchestrator.memory.balloon import guest_ram_size, set_balloon
-from orchestrator.memory.conversions import ConversionObserver, kib
+from orchestrator.memory.conversions.observer import ConversionObserver
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.host_punch import HostPuncher, allocated_bytes, borrowed_fd
 from orchestrator.memory.virtio_mem import resize
@@ -51,7 +51,7 @@ from orchestrator.qemu.spec import MachineSpec
 from orchestrator.qemu.trace import trace_output
 from orchestrator.qemu.version import feature
 from orchestrator.scenario import MachineScenario
-from orchestrator.units import MiB
+from orchestrator.units import MiB, kib
 
 INFLATE = 128 * MiB
 FILL_MARGIN_MIB = 64

@@ -3,7 +3,7 @@
 Lab only (tiers tdx, snp; elsewhere every variant CANCELs with the probe's reason).
 The guest's driver (`cvmlab_convert.ko`, orchestrator.guest.convert) converts N pages
 private->shared->private L times in chunks of C; QEMU's trace is switched on over QMP
-and followed (orchestrator.memory.conversions.ConversionObserver).
+and followed (orchestrator.memory.conversions.observer.ConversionObserver).
 
 `ConversionStorm`, one storm per size in `storm_pages` (variants: coco.yaml platforms,
 sizes from conversion.yaml, larger ones in conversion-stress.yaml):
@@ -43,21 +43,17 @@ from orchestrator.invariants.conversions import (
     shared_half_verdict,
 )
 from orchestrator.invariants.verdict import Tolerance, holds, within
-from orchestrator.memory.conversions import (
-    PAGE,
-    ConversionCounts,
-    ConversionObserver,
-    guest_asked,
-    kib,
-    shared_half_holes,
-    subtract_ranges,
-)
+from orchestrator.memory.conversions.asked import guest_asked
+from orchestrator.memory.conversions.ledger import ConversionCounts
+from orchestrator.memory.conversions.observer import ConversionObserver
+from orchestrator.memory.conversions.ranges import subtract_ranges
+from orchestrator.memory.conversions.shared_half import shared_half_holes
 from orchestrator.memory.host_punch import HostPuncher
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.trace import trace_output
 from orchestrator.scenario import MachineScenario
 from orchestrator.timeline import now
-from orchestrator.units import MiB
+from orchestrator.units import PAGE, MiB, kib
 
 DEFAULT_PAGES = (1, 64, 512, 4096)
 DEFAULT_CHUNK = 64

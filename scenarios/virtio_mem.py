@@ -27,12 +27,12 @@ from typing import Any, ClassVar
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
 from orchestrator.invariants.host_memory import discard_verdict, drop_verdicts, host_verdict
 from orchestrator.invariants.verdict import Tolerance, holds, within
-from orchestrator.memory.expectations import expect_discard, expected_host_move, kib
+from orchestrator.memory.expectations import expect_discard, expected_host_move
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.virtio_mem import ResizeResult, resize, virtio_mem_device
 from orchestrator.qemu.argv import VMEM_BACKEND_ID
 from orchestrator.scenario import MemoryScenario
-from orchestrator.units import MiB
+from orchestrator.units import MiB, kib
 
 PLUG = 256 * MiB
 UNPLUG = 128 * MiB

@@ -25,7 +25,7 @@ from orchestrator.invariants.host_log import host_log_verdict
 from orchestrator.invariants.outcome import decide
 from orchestrator.invariants.teardown import teardown_verdict
 from orchestrator.invariants.verdict import holds, incomplete, is_self_check
-from orchestrator.memory.conversions import HoleReport
+from orchestrator.memory.conversions.shared_half import HoleReport
 
 MiB = 1 << 20
 

@@ -1,8 +1,8 @@
 """Conversions judged: the guest's conversions against QEMU's, and no GPA backed twice (G2, H2).
 
 Observations come from orchestrator.memory.conversions (QEMU's trace ledger, guest_memfd
-fds, the shared half's holes) and orchestrator.guest.convert (what the guest's driver did);
-the functions here judge them.
+fds, the shared half's holes: its `ledger`, `gmem` and `shared_half` modules) and
+orchestrator.guest.convert (what the guest's driver did); the functions here judge them.
 
 No double backing has two halves, each judged on its own evidence:
 - to private, QEMU must discard the shared half: `conversion_verdicts` (trace bytes) and
@@ -20,13 +20,11 @@ from __future__ import annotations
 import dataclasses
 
 from orchestrator.invariants.verdict import Tolerance, Verdict, holds, incomplete, within
-from orchestrator.memory.conversions import (
-    ConversionCounts,
-    GmemSample,
-    GuestAsked,
-    HoleReport,
-    kib,
-)
+from orchestrator.memory.conversions.asked import GuestAsked
+from orchestrator.memory.conversions.gmem import GmemSample
+from orchestrator.memory.conversions.ledger import ConversionCounts
+from orchestrator.memory.conversions.shared_half import HoleReport
+from orchestrator.units import kib
 
 #: What else may move Unevictable meanwhile (the guest's other activity, mlock noise).
 UNEVICTABLE_SLACK = 1 << 20

@@ -10,8 +10,8 @@ from __future__ import annotations
 from orchestrator.host.settle import Settled
 from orchestrator.invariants.verdict import Tolerance, Verdict, within
 from orchestrator.memory.backing import BackingSample
-from orchestrator.memory.expectations import DiscardExpectation, host_move, kib
-from orchestrator.units import MiB
+from orchestrator.memory.expectations import DiscardExpectation, host_move
+from orchestrator.units import MiB, kib
 
 #: H2 tolerance on host drops: 10% (tp-qemu's balloon_check) or 4 MiB, whichever is larger.
 #: Both in KiB, the unit of every memory verdict here.

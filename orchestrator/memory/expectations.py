@@ -101,11 +101,6 @@ def expect_discard(info: BackendInfo, operation: Operation) -> DiscardExpectatio
 # --- observation arithmetic the verdicts use ----------------------------------------------
 
 
-def kib(nbytes: float) -> int:
-    """Bytes -> KiB, rounded (verdicts speak KiB like /proc/meminfo)."""
-    return round(nbytes / 1024)
-
-
 def expected_host_move(before: BackingSample, after: BackingSample) -> int:
     """Bytes the backend's host-wide counter should have moved by, from the process's view.
 
