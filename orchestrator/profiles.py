@@ -6,6 +6,11 @@ filter by, and variants files to swap). `cvmlab profile run NAME` runs one
 avocado job per scenario file that has matching tests, prints each exact
 `avocado run` command first, and ends with where the results are. Nothing
 here imports avocado: it is driven as a program, as a user would.
+
+A profile may also name lab kernels and lab jobs: after its host jobs, it boots each
+kernel under test once (`cvmlab lab --kernel K`) and runs the lab jobs inside it with
+`cvmlab profile run NAME --inside-lab`, so guest_memfd and KVM scenarios run on the
+kernels chosen, whatever this host's kernel has.
 """
 
 from __future__ import annotations
@@ -35,10 +40,23 @@ class ProfileError(CvmlabError):
 
 @dataclass(frozen=True)
 class Job:
-    """One `avocado run FILE [-m VARIANTS]`."""
+    """One `avocado run FILE [MORE...] [-m VARIANTS]`."""
 
     file: str
     variants: str | None = None
+    more_files: tuple[str, ...] = ()  # merged jobs without variants (one Python start each
+    # test costs seconds under TCG in the lab; one avocado job instead of several saves more)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.file, *self.more_files)
+
+
+def merge_plain_jobs(jobs: tuple[Job, ...]) -> tuple[Job, ...]:
+    """Jobs without variants in one `avocado run a.py b.py ...`; the others as they are."""
+    plain = [job.file for job in jobs if job.variants is None]
+    merged = [Job(plain[0], None, tuple(plain[1:]))] if plain else []
+    return (*merged, *(job for job in jobs if job.variants is not None))
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,10 @@ class Profile:
     description: str
     tags: tuple[str, ...]
     jobs: tuple[Job, ...]
+    lab_kernels: tuple[str, ...] = ()  # `cvmlab lab --kernel` values, one lab boot each
+    lab_jobs: tuple[Job, ...] = ()  # run inside every lab kernel
+    lab_hugepages: int = 0  # 2 MiB pages the lab reserves (its kernel is throwaway)
+    host_jobs: bool = True  # False: a lab-only profile (kernel qualification)
 
     def tag_filter(self, tier: str | None = None) -> str | None:
         """One --filter-by-tags value: every tag must hold, `-tag` must not."""
@@ -88,14 +110,28 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
         unknown = set(swaps) - {job.file for job in jobs}
         if unknown:
             raise _fail(f"profile {name!r} swaps variants of unknown jobs: {sorted(unknown)}")
+        lab = spec.get("lab") or {}
+        if not isinstance(lab, dict) or not isinstance(lab.get("kernels", []), list):
+            raise _fail(f"profile {name!r}: 'lab' needs 'kernels' (a list) and 'jobs'")
+        lab_jobs = []
+        for item in lab.get("jobs") or []:
+            if not isinstance(item, dict) or "file" not in item:
+                raise _fail(f"profile {name!r}: lab job {item!r} needs a 'file'")
+            lab_jobs.append(Job(str(item["file"]), item.get("variants")))
+        if bool(lab_jobs) != bool(lab.get("kernels")):
+            raise _fail(f"profile {name!r}: a lab needs both kernels and jobs")
         profiles[name] = Profile(
             name=str(name),
             description=str(spec.get("description", "")),
             tags=tuple(str(t) for t in spec.get("tags") or ()),
             jobs=tuple(Job(j.file, swaps.get(j.file, j.variants)) for j in jobs),
+            lab_kernels=tuple(str(k) for k in lab.get("kernels") or ()),
+            lab_jobs=tuple(lab_jobs),
+            lab_hugepages=int(lab.get("hugepages", 0)),
+            host_jobs=not bool(lab.get("only", False)),
         )
     for profile in profiles.values():
-        for job in profile.jobs:
+        for job in (*profile.jobs, *profile.lab_jobs):
             for file in (job.file, job.variants):
                 if file is not None and not (root / file).is_file():
                     raise _fail(f"profile {profile.name!r} names {file}, which does not exist")
@@ -113,7 +149,7 @@ def avocado_argv(
     profile: Profile, job: Job, *, avocado: str, results: str, parallel: int, tier: str | None
 ) -> list[str]:
     """The exact avocado command for one job (references before -m: -m takes several files)."""
-    argv = [avocado, "run", job.file, "--job-results-dir", results]
+    argv = [avocado, "run", *job.files, "--job-results-dir", results]
     argv += ["--max-parallel-tasks", str(parallel)]
     tag_filter = profile.tag_filter(tier)
     if tag_filter:
@@ -124,11 +160,34 @@ def avocado_argv(
 
 
 def _has_tests(avocado: str, job: Job, tag_filter: str | None) -> bool:
-    argv = [avocado, "list", job.file]
+    argv = [avocado, "list", *job.files]
     if tag_filter:
         argv.append(f"--filter-by-tags={tag_filter}")
     listed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
     return bool(listed.stdout.strip())
+
+
+def _streamed(argv: list[str]) -> tuple[int, str]:
+    """Run `argv` in the repository with its stdout passed through; (status, stdout)."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    output = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        output.append(line)
+    return proc.wait(), "".join(output)
+
+
+def lab_argv(profile: Profile, kernel: str, *, cvmlab: str, results: str, parallel: int,
+             tier: str | None) -> list[str]:  # fmt: skip
+    """The command that boots `kernel` and runs the profile's lab jobs inside it."""
+    inner = [cvmlab, "profile", "run", profile.name, "--inside-lab", "--results", results]
+    inner += ["--parallel", str(parallel), *(["--tier", tier] if tier else [])]
+    lab = [cvmlab, "lab", "--kernel", kernel, "--results", results]
+    if profile.lab_hugepages:
+        lab += ["--hugepages", str(profile.lab_hugepages)]
+    return [*lab, "--", *inner]
 
 
 def run_profile(
@@ -140,10 +199,20 @@ def run_profile(
     tier: str | None = None,
     dry_run: bool = False,
     say: Callable[[str], None] = print,
+    inside_lab: bool = False,
+    with_lab: bool = True,
 ) -> list[JobRun]:
-    """Run every job of `profile` that has matching tests; avocado's output streams through."""
+    """Run every job of `profile` that has matching tests; avocado's output streams through.
+
+    `inside_lab`: run the lab jobs here (we are the command inside `cvmlab lab`).
+    `with_lab`: after the host jobs, boot each lab kernel and run the lab jobs there.
+    """
     runs: list[JobRun] = []
-    for job in profile.jobs:
+    if inside_lab:
+        jobs = merge_plain_jobs(profile.lab_jobs)
+    else:
+        jobs = profile.jobs if profile.host_jobs else ()
+    for job in jobs:
         argv = avocado_argv(
             profile, job, avocado=avocado, results=results, parallel=parallel, tier=tier
         )
@@ -154,21 +223,29 @@ def run_profile(
         if dry_run:
             runs.append(JobRun(job, tuple(argv), None, None, "dry run"))
             continue
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        output = []
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            output.append(line)
-        status = proc.wait()
-        found = JOB_LOG_RE.findall("".join(output))
+        status, output = _streamed(argv)
+        found = JOB_LOG_RE.findall(output)
         job_dir = found[-1] if found else None
         if job_dir and Path(job_dir).is_dir():
             # What `cvmlab report` shows per job: avocado's verdict and the host it ran on.
             (Path(job_dir) / "avocado-exit").write_text(f"{status}\n")
             (Path(job_dir) / "hostname").write_text(f"{socket.gethostname()}\n")
         runs.append(JobRun(job, tuple(argv), status, job_dir))
+    if inside_lab or not with_lab:
+        return runs
+    cvmlab = str(Path(avocado).with_name("cvmlab"))
+    for kernel in profile.lab_kernels:
+        argv = lab_argv(profile, kernel, cvmlab=cvmlab, results=results, parallel=parallel,
+                        tier=tier)  # fmt: skip
+        say("== " + " ".join(argv))
+        lab_job = Job(f"lab --kernel {kernel}")
+        if dry_run:
+            runs.append(JobRun(lab_job, tuple(argv), None, None, "dry run"))
+            continue
+        status, output = _streamed(argv)
+        for job_dir in JOB_LOG_RE.findall(output):
+            runs.append(JobRun(Job(f"  in lab {kernel}"), tuple(argv), None, job_dir, "inside"))
+        runs.append(JobRun(lab_job, tuple(argv), status, None, "see the jobs above"))
     return runs
 
 
@@ -191,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         tier=args.tier,
         dry_run=args.dry_run,
+        inside_lab=args.inside_lab,
+        with_lab=not args.no_lab,
     )
     print()
     print(summary(runs))
@@ -222,4 +301,10 @@ def add_parser(subparsers: Any) -> None:
         "--parallel", type=int, default=2, help="guests at a time (TCG is CPU-bound) [2]"
     )
     run.add_argument("--dry-run", action="store_true", help="print the avocado commands only")
+    run.add_argument(
+        "--no-lab", action="store_true", help="host jobs only (skip the profile's lab kernels)"
+    )
+    run.add_argument(
+        "--inside-lab", action="store_true", help=argparse.SUPPRESS
+    )  # what `cvmlab lab` runs inside: the profile's lab jobs
     run.set_defaults(handler=_run)

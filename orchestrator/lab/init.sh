@@ -44,6 +44,8 @@ mount -t hugetlbfs hugetlbfs /newroot/dev/hugepages 2>/dev/null
 # sync before poweroff puts them on the host; nothing on the host writes there meanwhile.
 while read -r tag path; do
     [ -n "$tag" ] || continue
+    # Under /tmp or /run (fresh tmpfs inside) the mount point must be made first.
+    [ -d "/newroot$path" ] || mkdir -p "/newroot$path"
     mount -t 9p -o "$OPTS,cache=loose" "$tag" "/newroot$path" || fail "mount of $path (9p tag $tag)"
 done < /lab/mounts
 

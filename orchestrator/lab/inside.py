@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -100,6 +101,9 @@ def main(rundir: Path) -> int:
     os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     config = json.loads((rundir / "lab.json").read_text())
     report: dict[str, object] = {"kernel_release": os.uname().release}
+    if config.get("hostname"):
+        # The outer host's name: results group by machine, the kernel axis is separate.
+        socket.sethostname(config["hostname"])
     base = _modules_base(config.get("modules_dir"), report)
     _load_modules(config.get("load_modules", []), base, report)
     env = dict(config["env"])

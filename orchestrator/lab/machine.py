@@ -22,6 +22,7 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -211,6 +212,7 @@ def _write_run_dir(config: LabConfig, rundir: Path) -> None:
                 "load_modules": list(config.load_modules) if config.kernel.modules_dir else [],
                 "settings": dict(config.settings),
                 "require_kvm": config.require_kvm,
+                "hostname": socket.gethostname(),
             },
             indent=2,
         )
