@@ -37,23 +37,22 @@ from avocado import Test
 from avocado.core import exceptions as avocado_exceptions
 
 from orchestrator.errors import CvmlabError, HostError, QemuError
-from orchestrator.guest.memhelper import MemHelper, ssh_runner
+from orchestrator.guest.memhelper import MemHelper
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.baseline import TeardownWatch
 from orchestrator.host.confidential import prepare_confidential, required_tiers
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import HostLogWatch
-from orchestrator.host.meminfo import sample_meminfo
 from orchestrator.host.probe import HostProbe, probe_host
-from orchestrator.host.settle import Settled, settle
+from orchestrator.host.settle import Settled
 from orchestrator.image import ImageManifest, default_image, verify_image
 from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_verdict
 from orchestrator.invariants.host_log import host_log_verdict
 from orchestrator.invariants.outcome import Raised, decide
 from orchestrator.invariants.teardown import teardown_verdict
 from orchestrator.invariants.verdict import Verdict, VerdictLog, holds, incomplete
-from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
-from orchestrator.memory.expectations import hugetlb_shortfall
+from orchestrator.memory.backing import BackingProbe, BackingSample
+from orchestrator.memory.measured import MeasuredMemory, host_shortfall
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.rules import validate
@@ -65,11 +64,10 @@ from orchestrator.qemu.spec import (
     MachineSpec,
     spec_from_params,
 )
-from orchestrator.qemu.trace import TraceCollector, set_trace_events, trace_output
+from orchestrator.qemu.trace import TraceCollector, trace_output
 from orchestrator.qemu.warm import finish_start, start_guest
 from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline, now
-from orchestrator.units import MiB
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 # Parameters avocado itself reads from every test.
@@ -470,16 +468,18 @@ class MachineScenario(Scenario):
 
 
 class MemoryScenario(MachineScenario):
-    """A guest whose memory the host measures while the test changes it.
+    """A guest whose memory the host measures while the test changes it: the avocado
+    wrapper of `orchestrator.memory.measured` (which holds the logic, for pytest and
+    `cvmlab repro` too).
 
     Host-wide meminfo counters move by hundreds of MiB when a guest boots next
     door, so the whole test, boot included, holds the host lock `meminfo`
     (other measuring tests wait for it). It also gives the test the backing of
     `measured_memdev` (`self.backing`, `self.counter`: the host-wide counter
     that backend moves), the guest memory helper (`self.helper`) and QEMU's
-    memory trace events (`self.trace`). The lock is taken once the tiers are known
-    to be present (no queueing only to CANCEL); a hugetlb variant on a host without
-    huge pages CANCELs before booting.
+    memory trace events (`self.trace`), all from `self.memory`, a `MeasuredMemory`.
+    The lock is taken once the tiers are known to be present (no queueing only to
+    CANCEL); a hugetlb variant on a host without huge pages CANCELs before booting.
 
     :avocado: disable
     """
@@ -491,6 +491,7 @@ class MemoryScenario(MachineScenario):
     #: Seconds to wait for another measuring test to finish.
     lock_timeout: ClassVar[float] = 200.0
 
+    memory: MeasuredMemory
     backing: BackingProbe
     counter: str
     helper: MemHelper
@@ -503,52 +504,42 @@ class MemoryScenario(MachineScenario):
 
     def setUp(self) -> None:
         super().setUp()
-        self.backing = BackingProbe(
-            self.machine.qmp, self.machine.pid, self.measured_memdev, timeline=self.timeline
-        )
-        self.counter = self.backing.info.host_counter()
-        self.helper = MemHelper(ssh_runner(self.guest))
-        set_trace_events(self.machine.qmp)
-        self.trace = TraceCollector(
-            trace_output(self.evidence_dir, self.spec.trace_events), self.timeline
-        ).start()
+        self.memory = MeasuredMemory(
+            self.machine.qmp, self.machine.pid, self.guest, self.measured_memdev,
+            trace_output(self.evidence_dir, self.spec.trace_events), self.timeline,
+            log=self.log.info,
+        )  # fmt: skip
+        self.backing, self.counter = self.memory.backing, self.memory.counter
+        self.helper, self.trace = self.memory.helper, self.memory.trace
+        self.memory.start()
 
     def before_launch(self) -> None:
         """Tiers are present and the spec is valid: now wait for the host to be ours."""
-        short = hugetlb_shortfall(self.spec, dict(sample_meminfo().values))
+        short = host_shortfall(self.spec)
         if short:
             self.cancel(short)
         self.take_host_lock(self.lock_timeout)
 
     def stop_observers(self) -> None:
-        trace = getattr(self, "trace", None)
-        if trace is not None:
-            self.log.info("trace totals: %s", trace.stop().to_json())
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.stop()
         super().stop_observers()
 
     def tearDown(self) -> None:
         self.stop_observers()
         super().tearDown()
 
-    def settled_backing(self, what: str, **kwargs: Any) -> BackingSample:
-        """What the host holds for `measured_memdev`, once it stops moving (within 1 MiB)."""
-        settled, sample = self.backing.settle(tolerance=MiB, **kwargs)
-        self.log.info(
-            "%s: %s holds %d MiB (settled %s after %.2f s, %d samples)", what,
-            self.measured_memdev, sample.held // MiB, settled.ok, settled.elapsed,
-            len(settled.samples),
-        )  # fmt: skip
-        return sample
+    def settled_backing(
+        self, what: str, *, window: int = 3, interval: float = 0.1, timeout: float = 10.0
+    ) -> BackingSample:
+        """What the host holds for `measured_memdev`, once it stops moving (within 1 MiB);
+        an unsettled sample says so (`BackingSample.settled`)."""
+        return self.memory.settled_backing(what, window=window, interval=interval, timeout=timeout)
 
     def settled_host(self) -> Settled:
         """The host-wide counter of this backend, once three readings agree within 2 MiB."""
-        return settle(
-            lambda: host_meminfo([self.counter])[self.counter],
-            tolerance=2 * MiB,
-            window=3,
-            interval=0.2,
-            timeout=15,
-        )
+        return self.memory.settled_host()
 
 
 def _raised_kind(raised: BaseException | None) -> Raised:

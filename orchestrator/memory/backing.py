@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from orchestrator.errors import MemoryOpError
@@ -124,6 +124,9 @@ class BackingSample:
     mapping_anon_huge: int  # smaps AnonHugePages (THP) of those mappings
     file_allocated: int | None  # st_blocks * 512 of the backing fd; None without an fd
     host: Mapping[str, int] = field(default_factory=dict)  # host-wide meminfo, bytes
+    #: None: one reading; True: read once `held` had stopped moving (BackingProbe.settle);
+    #: False: `held` was still moving at the deadline, so this reading cannot be judged.
+    settled: bool | None = None
 
     @property
     def held(self) -> int:
@@ -161,6 +164,7 @@ class BackingSample:
             "mapping_anon_huge": self.mapping_anon_huge,
             "file_allocated": self.file_allocated,
             "host": dict(self.host),
+            "settled": self.settled,
         }
 
 
@@ -284,11 +288,14 @@ class BackingProbe:
         interval: float = 0.1,
         timeout: float = 10.0,
     ) -> tuple[Settled, BackingSample]:
-        """Sample until `window` readings of `held` agree within `tolerance` bytes."""
+        """Sample until `window` readings of `held` agree within `tolerance` bytes.
+
+        The sample read after it says whether that happened (`BackingSample.settled`):
+        a verdict judged on a reading that never settled is incomplete, never a pass."""
         settled = settle(
             self.held, tolerance=tolerance, window=window, interval=interval, timeout=timeout
         )
-        return settled, self.sample(host=True)
+        return settled, replace(self.sample(host=True), settled=settled.ok)
 
     def converge(
         self,
