@@ -19,12 +19,13 @@ from contextlib import AbstractContextManager, ExitStack
 from typing import Any, TypeVar
 
 from orchestrator.errors import HostError
-from orchestrator.host.baseline import CounterReturn, HostBaseline
+from orchestrator.host.baseline import HostBaseline
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.meminfo import meminfo_field
 from orchestrator.host.settle import settle
 from orchestrator.invariants.gmem_vcpu import errno_is
-from orchestrator.invariants.verdict import Verdict, holds, incomplete
+from orchestrator.invariants.teardown import counter_return_verdict
+from orchestrator.invariants.verdict import holds
 from orchestrator.kvm import uapi
 from orchestrator.kvm.device import GuestMemfd, Kvm, Vm
 from orchestrator.kvm.facts import KvmFacts, kvm_facts
@@ -43,22 +44,6 @@ def errno_of(call: Callable[[], object]) -> tuple[int, str]:
     except OSError as exc:
         return exc.errno or 0, str(exc)
     return 0, ""
-
-
-def counter_verdict(counter: CounterReturn) -> Verdict:
-    """H9: a meminfo counter came back to its baseline; incomplete if either end never settled."""
-    summary = f"meminfo {counter.name} back to its baseline after release"
-    if not counter.baseline_settled:
-        return incomplete("H9", f"{summary}: the baseline never settled", baseline=counter.baseline)
-    return Verdict(
-        "H9",
-        "pass" if counter.ok else "fail",
-        summary,
-        expected=counter.baseline,
-        seen=counter.settled.value,
-        tolerance=f"±{counter.tolerance}",
-        evidence={"unit": "bytes", "waited_s": round(counter.settled.elapsed, 3)},
-    )
 
 
 class KvmScenario(Scenario):
@@ -124,7 +109,7 @@ class KvmScenario(Scenario):
                 )
             )
             for counter in report.counters:
-                self.record(counter_verdict(counter))
+                self.record(counter_return_verdict(counter))
         # The base class's finish phase is being renamed finish -> end_of_test: call either.
         parent = getattr(super(), "end_of_test", None) or getattr(super(), "finish")  # noqa: B009
         parent()

@@ -114,11 +114,14 @@ class _ConversionScenario(MachineScenario):
         self.stop_observers()
         super().tearDown()
 
-    def record(self, result: ConversionResult, seen: ConversionCounts, seconds: float) -> None:
+    def record_storm(
+        self, result: ConversionResult, seen: ConversionCounts, seconds: float
+    ) -> None:
+        """One run's guest and QEMU counts, appended to conversions.jsonl. Not named
+        `record`: that is Scenario.record(verdict), which every check() calls."""
         with (self.evidence_dir / "conversions.jsonl").open("a") as stream:
             entry = {"guest": result.to_json(), "qemu": seen.to_json(), "seconds": seconds}
             stream.write(json.dumps(entry, sort_keys=True) + "\n")
-
 
 
 class ConversionStorm(_ConversionScenario):
@@ -152,7 +155,7 @@ class ConversionStorm(_ConversionScenario):
             result = run_conversions(self.guest, pages, SEED + index, loops, chunk)
             seconds = now() - started
             seen = self.observer.counts().minus(before)
-            self.record(result, seen, seconds)
+            self.record_storm(result, seen, seconds)
             self.log.info(
                 "storm pages=%d chunk=%d loops=%d: guest %d+%d calls, QEMU %s in %.2f s",
                 pages, chunk, loops, result.decrypt.calls, result.encrypt.calls,
@@ -209,7 +212,7 @@ class ConversionLeftShared(_ConversionScenario):
             self.guest, LEFT_PAGES, SEED, loops=1, chunk=LEFT_PAGES, fail_call=2
         )
         seen = self.observer.counts().minus(before)
-        self.record(result, seen, 0.0)
+        self.record_storm(result, seen, 0.0)
         size = LEFT_PAGES * PAGE
         self.check(
             holds(

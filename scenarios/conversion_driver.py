@@ -61,8 +61,10 @@ class _ConversionScenario(MachineScenario):
     def seed(self, index: int) -> int:
         return int(self.params.get("seed", default=DEFAULT_SEED)) + index
 
-    def record(self, result: ConversionResult) -> None:
-        """Keep every run's JSON as evidence (conversions.jsonl in the test's data dir)."""
+    def record_run(self, result: ConversionResult) -> None:
+        """Keep every run's JSON as evidence (conversions.jsonl in the test's data dir).
+
+        Not named `record`: that is Scenario.record(verdict), which every check() calls."""
         with (self.evidence_dir / "conversions.jsonl").open("a") as stream:
             stream.write(json.dumps(result.to_json(), sort_keys=True) + "\n")
         self.timeline.record("conversion", "run", **result.to_json())
@@ -102,7 +104,7 @@ class _ConversionScenario(MachineScenario):
         results = []
         for index, (pages, chunk, loops) in enumerate(RUNS):
             result = run_conversions(self.guest, pages, self.seed(index), loops, chunk)
-            self.record(result)
+            self.record_run(result)
             self.log.info(
                 "pages=%d chunk=%d loops=%d: %d+%d calls in %.1f ms",
                 pages, chunk, loops, result.decrypt.calls, result.encrypt.calls,
@@ -189,7 +191,7 @@ class ConversionDriver(_ConversionScenario):
         result = run_conversions(
             self.guest, pages=8, seed=self.seed(0), loops=3, chunk=2, fail_call=4
         )
-        self.record(result)
+        self.record_run(result)
         self.check(
             holds(
                 "S2",

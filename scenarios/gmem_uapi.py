@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ from orchestrator.host.fdalloc import fd_allocation
 from orchestrator.host.meminfo import TRACKED, format_delta, meminfo_field, sample_meminfo
 from orchestrator.host.settle import settle
 from orchestrator.invariants.host_log import host_log_verdict
+from orchestrator.invariants.host_memory import counter_move_verdict
+from orchestrator.invariants.teardown import counter_return_verdict
 from orchestrator.invariants.verdict import Tolerance, Verdict, holds, within
 from orchestrator.kvm import libc, uapi
 from orchestrator.kvm.child import ChildOutcome, run_in_child
@@ -71,6 +74,18 @@ def _errno_of(call: Callable[[], object]) -> tuple[int, str]:
     except OSError as exc:
         return exc.errno or 0, str(exc)
     return 0, ""
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """meminfo deltas (bytes) around one step, and whether Unevictable settled after it."""
+
+    delta: dict[str, int]
+    settled: bool
+
+    def describe(self) -> str:
+        text = format_delta(self.delta)
+        return text if self.settled else text + " (Unevictable still moving)"
 
 
 class GmemUapi(Scenario):
@@ -152,22 +167,7 @@ class GmemUapi(Scenario):
             )
         )
         for counter in report.counters:
-            self.record(
-                Verdict(
-                    "H9",
-                    "incomplete" if not counter.baseline_settled
-                    else "pass" if counter.ok else "fail",
-                    f"meminfo {counter.name} back to its baseline after release",
-                    expected=counter.baseline,
-                    seen=counter.settled.value,
-                    tolerance=f"±{counter.tolerance}",
-                    evidence={
-                        "unit": "bytes",
-                        "samples": list(counter.settled.samples),
-                        "waited_s": round(counter.settled.elapsed, 3),
-                    },
-                )
-            )
+            self.record(counter_return_verdict(counter))
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -251,23 +251,24 @@ class GmemUapi(Scenario):
             guest_memfd_offset=offset,
         )
 
-    def step(self, action: Callable[[], object]) -> dict[str, int]:
+    def step(self, action: Callable[[], object]) -> StepDelta:
         """Run `action` between two meminfo samples; the deltas of TRACKED fields in bytes.
 
         The second sample waits until `Unevictable` stops moving, since pages
-        reach the LRU counters through per-CPU batches.
+        reach the LRU counters through per-CPU batches; whether it did is kept
+        (an unsettled step is judged incomplete, never a pass).
         """
         before = sample_meminfo()
         action()
-        settle(lambda: meminfo_field("Unevictable"), tolerance=256 * KiB, interval=0.01)
-        return sample_meminfo().delta(before, TRACKED)
+        settled = settle(lambda: meminfo_field("Unevictable"), tolerance=256 * KiB, interval=0.01)
+        return StepDelta(sample_meminfo().delta(before, TRACKED), settled.ok)
 
     def accounting(
         self,
         kind: str,
         moves: tuple[str, ...],
         still: tuple[str, ...],
-        run_once: Callable[[], tuple[list[dict[str, int]], dict[str, Any]]],
+        run_once: Callable[[], tuple[list[StepDelta], dict[str, Any]]],
     ) -> dict[str, Any]:
         """H2: allocate ALLOC, punch half, close; `moves` follow each step, `still` stay put.
 
@@ -281,30 +282,32 @@ class GmemUapi(Scenario):
         plan = (("allocate 128 MiB", ALLOC), ("punch 64 MiB", -half), ("close", -half))
         history: list[list[str]] = []
         for attempt in range(1, ATTEMPTS + 1):
-            deltas, extras = run_once()
-            history.append([format_delta(delta) for delta in deltas])
+            steps, extras = run_once()
+            history.append([s.describe() for s in steps])
             judged = [
-                (label, name, amount if name in moves else 0, delta, name in moves)
-                for (label, amount), delta in zip(plan, deltas, strict=True)
+                (label, name, amount if name in moves else 0, step, name in moves)
+                for (label, amount), step in zip(plan, steps, strict=True)
                 for name in (*moves, *still)
             ]
             ok = all(
-                (ACCOUNTING if moving else STILL).allows(expected, delta[name])
-                for _, name, expected, delta, moving in judged
+                step.settled
+                and (ACCOUNTING if moving else STILL).allows(expected, step.delta[name])
+                for _, name, expected, step, moving in judged
             )
             if ok:
                 break
             self.log.info("%s accounting off in attempt %d: %s", kind, attempt, history[-1])
-        for label, name, expected, delta, moving in judged:
+        for label, name, expected, step, moving in judged:
             self.check(
-                within(
+                counter_move_verdict(
                     "H2",
                     f"{kind}: {label} moves {name} by {expected // MiB:+d} MiB",
-                    expected=expected,
-                    seen=delta[name],
-                    tolerance=ACCOUNTING if moving else STILL,
+                    expected,
+                    step.delta[name],
+                    ACCOUNTING if moving else STILL,
+                    step.settled,
                     unit="bytes",
-                    all_fields=format_delta(delta),
+                    all_fields=step.describe(),
                     attempt=f"{attempt} of {ATTEMPTS}",
                     earlier_attempts=history[:-1],
                 )
@@ -652,7 +655,7 @@ class GmemUapi(Scenario):
         :avocado: tags=H2,H9
         """
 
-        def run_once() -> tuple[list[dict[str, int]], dict[str, Any]]:
+        def run_once() -> tuple[list[StepDelta], dict[str, Any]]:
             gmem = self.vm.create_guest_memfd(ALLOC, 0)
             try:
                 allocated = self.step(partial(gmem.allocate, 0, ALLOC))
@@ -683,7 +686,7 @@ class GmemUapi(Scenario):
         :avocado: tags=H2,H9
         """
 
-        def run_once() -> tuple[list[dict[str, int]], dict[str, Any]]:
+        def run_once() -> tuple[list[StepDelta], dict[str, Any]]:
             fd = os.memfd_create("cvmlab-h2", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, ALLOC)

@@ -10,9 +10,12 @@
 process (`resources.ResourceSnapshot`, H9), and chosen /proc/meminfo counters,
 which `report()` waits to see back within a tolerance of their baseline
 (`settle.converge`, H9). It judges nothing itself: scenarios turn the report
-into verdicts (orchestrator.invariants). A baseline that did not settle is
-marked (`baseline_settled`), never used as if it had: the rule of
-memory/expectations.py (judge a counter only when both readings settled).
+into verdicts (orchestrator.invariants). The rule for counters: judge one only
+when both readings settled. A baseline that did not settle is marked
+(`baseline_settled`); an after-reading that never held still within the tolerance
+(`converge` gave up) yet whose last samples average inside it flapped around its
+baseline. Neither can be judged (`judgeable` is False: the verdict is incomplete,
+never a pass); a counter that stayed outside the tolerance did not come back (a fail).
 
 `TeardownWatch` is the same idea for a QEMU scenario's teardown (H9): taken
 before the guest is launched, `observe()` after it was shut down returns a
@@ -53,8 +56,23 @@ class CounterReturn:
         return self.settled.ok and self.baseline_settled
 
     @property
+    def judgeable(self) -> bool:
+        """Both readings settled: the baseline did, and the counter either held within
+        the tolerance or stayed outside it (see the module docstring)."""
+        return self.baseline_settled and _settled_after(
+            self.settled.ok, self.settled.value, self.baseline, self.tolerance
+        )
+
+    @property
     def difference(self) -> int:
         return self.settled.value - self.baseline
+
+
+def _settled_after(returned: bool, seen: int, baseline: int, tolerance: int) -> bool:
+    """An after-reading can be judged: it held within `tolerance` of `baseline` (converge
+    succeeded), or it ended outside (it did not come back). A converge that gave up with
+    its last samples averaging inside the tolerance flapped: that cannot be judged."""
+    return returned or abs(seen - baseline) > tolerance
 
 
 @dataclass(frozen=True)
@@ -157,11 +175,19 @@ class CounterBack:
     baseline: int
     seen: int
     tolerance: int
-    settled: bool = True  # both readings settled (else it cannot be judged)
+    settled: bool = True  # the baseline settled
+    returned: bool = True  # converge held the counter within the tolerance after teardown
 
     @property
     def ok(self) -> bool:
         return abs(self.seen - self.baseline) <= self.tolerance
+
+    @property
+    def judgeable(self) -> bool:
+        """Both readings settled (else it cannot be judged: see the module docstring)."""
+        return self.settled and _settled_after(
+            self.returned, self.seen, self.baseline, self.tolerance
+        )
 
     def describe(self) -> str:
         diff = (self.seen - self.baseline) / MiB
@@ -169,7 +195,7 @@ class CounterBack:
             f"{self.name} {diff:+.1f} MiB from its baseline (tolerance ±{self.tolerance / MiB:g} "
             "MiB)"
         )
-        return text if self.settled else text + ", not settled"
+        return text if self.judgeable else text + ", not settled"
 
 
 @dataclass(frozen=True)
@@ -230,7 +256,9 @@ class TeardownWatch:
                 self._reader(name), baseline, tolerance=tol, interval=0.1, timeout=timeout
             )
             counters.append(
-                CounterBack(name, baseline, back.value, tol, self.baseline_settled[name])
+                CounterBack(
+                    name, baseline, back.value, tol, self.baseline_settled[name], back.ok
+                )
             )
         after = ResourceSnapshot.take("self", self.markers)
         return TeardownObservation(

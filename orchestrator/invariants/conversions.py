@@ -18,6 +18,8 @@ No double backing has two halves, each judged on its own evidence:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from orchestrator.invariants.verdict import Tolerance, Verdict, holds, incomplete, within
 from orchestrator.memory.conversions.asked import GuestAsked
@@ -28,6 +30,8 @@ from orchestrator.units import kib
 
 #: What else may move Unevictable meanwhile (the guest's other activity, mlock noise).
 UNEVICTABLE_SLACK = 1 << 20
+#: "Nothing private freed": how far Unevictable may move for other reasons, bytes.
+PRIVATE_KEPT_TOLERANCE = 8 << 20
 
 
 def conversion_verdicts(
@@ -117,6 +121,22 @@ def gmem_covers_ram_verdict(sample: GmemSample, guest_ram: int) -> Verdict:
     )
 
 
+def _judge_unevictable(
+    summary: str,
+    before: int,
+    after: int,
+    settled: bool,
+    judge: Callable[[dict[str, Any]], Verdict],
+) -> Verdict:
+    """`judge(evidence)` on two readings of host-wide Unevictable, only when both settled:
+    a reading that did not settle cannot be judged (incomplete)."""
+    evidence: dict[str, Any] = {"unit": "KiB", "unevictable_before": before,
+                                "unevictable_after": after}  # fmt: skip
+    if not settled:
+        return incomplete("H2", summary + ": Unevictable did not settle", **evidence)
+    return judge(evidence)
+
+
 def private_half_released(
     converted: int,
     unevictable_before: int,
@@ -136,19 +156,51 @@ def private_half_released(
         "shared (host-wide Unevictable fell by at least that, less "
         f"{kib(slack)} KiB)"
     )
-    evidence = {"unit": "KiB", "unevictable_before": unevictable_before,
-                "unevictable_after": unevictable_after}  # fmt: skip
-    if not settled:
-        return incomplete("H2", summary + ": Unevictable did not settle", **evidence)
-    return Verdict(
-        "H2",
-        "pass" if fell >= converted - slack else "fail",
-        summary,
-        expected=f">= {kib(converted - slack)}",
-        seen=kib(fell),
-        tolerance=f"-{kib(slack)}",
-        evidence=evidence,
+    return _judge_unevictable(
+        summary, unevictable_before, unevictable_after, settled,
+        lambda evidence: Verdict(
+            "H2",
+            "pass" if fell >= converted - slack else "fail",
+            summary,
+            expected=f">= {kib(converted - slack)}",
+            seen=kib(fell),
+            tolerance=f"-{kib(slack)}",
+            evidence=evidence,
+        ),
+    )  # fmt: skip
+
+
+def private_half_kept(
+    ballooned: int,
+    unevictable_before: int,
+    unevictable_after: int,
+    settled: bool = True,
+    tolerance: int = PRIVATE_KEPT_TOLERANCE,
+) -> Verdict:
+    """H2: a balloon on a confidential guest frees nothing private.
+
+    QEMU's balloon discards with `ram_block_discard_range()`, which knows only the shared
+    half; only a conversion punches guest_memfd (`ram_block_discard_guest_memfd_range()`,
+    accel/kvm/kvm-all.c kvm_convert_memory). So host-wide Unevictable (guest_memfd's
+    folios; bytes, both readings settled and taken under the host lock) stays within
+    `tolerance` of where it was: a QEMU that punched the private half of the `ballooned`
+    bytes makes it fall by them: FAIL. Unsettled readings: incomplete.
+    """
+    summary = (
+        "nothing private was freed: guest_memfd keeps the ballooned pages (host-wide "
+        f"Unevictable did not fall by the {kib(ballooned)} KiB ballooned)"
     )
+    return _judge_unevictable(
+        summary, unevictable_before, unevictable_after, settled,
+        lambda evidence: within(
+            "H2",
+            summary,
+            expected=0,
+            seen=kib(unevictable_before - unevictable_after),
+            tolerance=Tolerance(absolute=kib(tolerance)),
+            **evidence,
+        ),
+    )  # fmt: skip
 
 
 def shared_half_verdict(report: HoleReport) -> Verdict:

@@ -3,12 +3,16 @@
 Observations come from orchestrator.memory (BackingSample: st_blocks, mapping Rss and
 Anonymous; the per-backend DiscardExpectation table with its QEMU sources; settled
 host-wide counters); these functions judge them. Verdicts speak KiB.
+
+A reading taken while its counter was still moving (`BackingSample.settled` False,
+`Settled.ok` False) cannot be judged: the verdict is incomplete (the test WARNs), with
+the readings as evidence, never a pass and never a guessed fail.
 """
 
 from __future__ import annotations
 
 from orchestrator.host.settle import Settled
-from orchestrator.invariants.verdict import Tolerance, Verdict, within
+from orchestrator.invariants.verdict import Tolerance, Verdict, incomplete, within
 from orchestrator.memory.backing import BackingSample
 from orchestrator.memory.expectations import DiscardExpectation, host_move
 from orchestrator.units import MiB, kib
@@ -37,6 +41,26 @@ def discard_verdict(
     )
 
 
+def unsettled(*samples: BackingSample) -> list[BackingSample]:
+    """The samples read while their backing was still moving (None: a single reading)."""
+    return [s for s in samples if s.settled is False]
+
+
+def settled_or_incomplete(verdict: Verdict, *samples: BackingSample) -> Verdict:
+    """`verdict` when every sample it was judged on had settled; else the same check as
+    incomplete, carrying its numbers (a moving backing can neither pass nor fail it)."""
+    moving = unsettled(*samples)
+    if not moving:
+        return verdict
+    return incomplete(
+        verdict.invariant,
+        f"{verdict.summary}: the backing was still moving when read, so it cannot be judged",
+        expected=verdict.expected,
+        seen=verdict.seen,
+        unsettled=[s.to_json() for s in moving],
+    )
+
+
 def drop_verdicts(
     invariant: str,
     what: str,
@@ -50,7 +74,7 @@ def drop_verdicts(
 
     One for what the host holds in total (`held`), one per part that can be read on
     its own (the fd's st_blocks; the private copies; QEMU's mapping's Rss), each
-    with expected and seen in KiB.
+    with expected and seen in KiB; each incomplete when a sample had not settled.
     """
     info = before.info
     context = {
@@ -92,7 +116,7 @@ def drop_verdicts(
                        f"by {expect.held:g} x {size})", kib(expect.held * amount),
                        kib(before.mapping_rss - after.mapping_rss), tolerance, unit="KiB")
             )  # fmt: skip
-    return verdicts
+    return [settled_or_incomplete(v, before, after) for v in verdicts]
 
 
 # Host-wide counters other work on the host moves by tens or hundreds of MiB at any time
@@ -146,3 +170,25 @@ def host_verdict(
         before=host_before.value,
         after=host_after.value,
     )
+
+
+def counter_move_verdict(
+    invariant: str,
+    summary: str,
+    expected: int,
+    seen: int,
+    tolerance: Tolerance,
+    settled: bool,
+    **evidence: object,
+) -> Verdict:
+    """A host counter moved by `expected` around one step, within `tolerance`; judged only
+    when its reading after the step settled, else incomplete with the numbers."""
+    if not settled:
+        return incomplete(
+            invariant,
+            f"{summary}: the counter was still moving after the step, so it cannot be judged",
+            expected=expected,
+            seen=seen,
+            **evidence,
+        )
+    return within(invariant, summary, expected, seen, tolerance, **evidence)
