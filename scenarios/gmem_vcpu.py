@@ -38,8 +38,10 @@ STALE_PORT = 0x5E
 # Inside the lab nothing else runs; outside, other work may move meminfo by a few MiB.
 PUNCH_SIZE = 32 * MiB
 ACCOUNTING = Tolerance(absolute=2 * MiB, relative=0.10)
-RACE_SIZE = 4 * MiB
-RACE_SECONDS = 3.0
+# Measured in the lab on a loaded 2-core host: in 3 s the vCPU covered 928 pages while the
+# host punched 7 times, so the race is sized to complete several full scans.
+RACE_SIZE = 1 * MiB
+RACE_SECONDS = 10.0
 RUN_DEADLINE = 60.0
 
 
