@@ -46,6 +46,19 @@ def _lines() -> tuple[list[str], kb.Progress]:
     return seen, seen.append
 
 
+def assert_ends(pid: int, deadline: float = 30) -> None:
+    """`pid` ends (or has ended) within `deadline` seconds: its pidfd turns readable."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([pidfd], [], [], deadline)
+        assert ready, f"pid {pid} is still running after {deadline} s"
+    finally:
+        os.close(pidfd)
+
+
 def fake_tree(root: Path, makefile_body: str = "") -> Path:
     """A directory that passes `user_tree`'s checks; its Makefile is `makefile_body`."""
     (root / "arch" / "x86").mkdir(parents=True)
@@ -287,17 +300,8 @@ def test_a_step_past_its_deadline_is_stopped_with_its_children(tmp_path: Path) -
     with pytest.raises(KernelBuildError, match="did not finish"):
         run_logged(["sh", "-c", script], tmp_path / "log", "slow", lambda line: None, timeout=2)
     assert time.monotonic() - started < 60
-    child = int(pidfile.read_text())
-    # The grandchild was in the step's process group: it ends (a pidfd turns readable).
-    try:
-        pidfd = os.pidfd_open(child)
-    except ProcessLookupError:
-        return
-    try:
-        ready, _, _ = select.select([pidfd], [], [], 30)
-        assert ready, f"pid {child} (sleep 300) is still running"
-    finally:
-        os.close(pidfd)
+    # The grandchild was in the step's process group: it ends too.
+    assert_ends(int(pidfile.read_text()))
 
 
 def test_progress_lines_name_the_phase_and_time(

@@ -692,20 +692,32 @@ def parser() -> argparse.ArgumentParser:
     return cli
 
 
+def chosen_source(
+    tree: Path | None, series: str, jobs: int | None, progress: Progress
+) -> KernelSource:
+    """The source the options name (`--tree` or `--series`), after checking `--jobs`."""
+    if jobs is not None and jobs < 1:
+        raise KernelBuildError(f"--jobs {jobs} is not a positive number", "e.g. --jobs 2")
+    return user_tree(tree) if tree else fetch_source(series, progress)
+
+
+def print_error(error: CvmlabError) -> int:
+    """Print a user's error as cvmlab does (one line, then its evidence); exit status 2."""
+    print(f"cvmlab: error: {error}", file=sys.stderr)
+    if error.detail:
+        print(error.detail.rstrip(), file=sys.stderr)
+    return 2
+
+
 def kernel_build_main(argv: list[str]) -> int:
     """`cvmlab lab kernel build [--series S] [--tree DIR] [--jobs N] [--force]`: 0 when built."""
     args = parser().parse_args(argv)
     progress = _printer("kernel build")
     try:
-        if args.jobs is not None and args.jobs < 1:
-            raise KernelBuildError(f"--jobs {args.jobs} is not a positive number", "e.g. --jobs 2")
-        source = user_tree(args.tree) if args.tree else fetch_source(args.series, progress)
+        source = chosen_source(args.tree, args.series, args.jobs, progress)
         built = build_kernel(source, progress, jobs=args.jobs, force=args.force)
     except CvmlabError as error:
-        print(f"cvmlab: error: {error}", file=sys.stderr)
-        if error.detail:
-            print(error.detail.rstrip(), file=sys.stderr)
-        return 2
+        return print_error(error)
     manifest = built.manifest
     seconds = manifest.get("seconds", {})
     took = ""

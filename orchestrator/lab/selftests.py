@@ -41,16 +41,17 @@ from typing import Any, Literal
 
 from orchestrator.errors import CvmlabError
 from orchestrator.lab.kernel_build import (
+    SW_PROTECTED_SERIES,
     KernelBuildError,
     KernelSource,
     Progress,
     cache_lock,
+    chosen_source,
     digest,
-    fetch_source,
     kernel_cache,
+    print_error,
     run_logged,
     tool_versions,
-    user_tree,
 )
 
 #: Bumped when the build recipe changes in a way the other inputs do not capture.
@@ -488,7 +489,11 @@ def parser() -> argparse.ArgumentParser:
     commands = cli.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build = commands.add_parser("build", help="build them and print their directory")
     where = build.add_mutually_exclusive_group()
-    where.add_argument("--series", help="linux-source-<series> from the archive [7.3]")
+    where.add_argument(
+        "--series",
+        default=SW_PROTECTED_SERIES,
+        help=f"linux-source-<series> from the archive [{SW_PROTECTED_SERIES}]",
+    )
     where.add_argument("--tree", type=Path, help="a kernel source tree instead")
     build.add_argument("--jobs", "-j", type=int, help="parallel make jobs [number of CPUs]")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -515,15 +520,10 @@ def selftests_main(argv: list[str]) -> int:
                 )
             print(build.directory)
             return 0
-        if args.jobs is not None and args.jobs < 1:
-            raise KernelBuildError(f"--jobs {args.jobs} is not a positive number", "e.g. --jobs 2")
-        source = user_tree(args.tree) if args.tree else fetch_source(args.series or "7.3", progress)
+        source = chosen_source(args.tree, args.series, args.jobs, progress)
         build = build_selftests(source, progress, jobs=args.jobs, force=args.force)
     except CvmlabError as error:
-        print(f"cvmlab: error: {error}", file=sys.stderr)
-        if error.detail:
-            print(error.detail.rstrip(), file=sys.stderr)
-        return 2
+        return print_error(error)
     for test in SELFTESTS:
         binary = build.binary(test)
         print(f"  {test:<30} {binary or 'absent: ' + build.absent_reason(test)}")
