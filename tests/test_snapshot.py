@@ -352,3 +352,17 @@ def test_repro_of_a_warm_test_restores_or_boots_cold_with_the_reason(
     (evidence / "start.json").write_text(json.dumps({**start, "mode": "cold"}))
     snapshot, record = warm_start_of(evidence, without_incoming(argv))
     assert snapshot is None and record is not None and record.mode == "cold"
+
+
+def test_prune_keeps_the_newest_within_the_budget_and_drops_killed_saves(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "snapshots")
+    keys = [snapshot_key(_spec(memory=(n + 1) << 30), BINARY, "10.0.2", HASHES) for n in range(3)]
+    datas = [_committed(cache, key) for key in keys]  # 12 KiB of data each, newest last
+    orphan = cache.new_data_path(keys[0])  # a save killed before its commit
+    os.utime(orphan, (0, 0))
+    fresh = cache.new_data_path(keys[1])  # a save in progress right now
+    removed = cache.prune(budget=2 * 12 * 1024)
+    assert set(removed) == {datas[0].name, f"{keys[0].digest}.json", orphan.name}
+    assert cache.lookup(keys[0]) is None
+    assert cache.lookup(keys[1]) is not None and cache.lookup(keys[2]) is not None
+    assert fresh.exists()

@@ -70,6 +70,8 @@ INCOMING_ARGS: tuple[str, ...] = ("-incoming", "defer")
 #: mapped-ram (fixed-offset, sparse file migration) appeared in QEMU 9.0.
 MAPPED_RAM_SINCE = (9, 0)
 SAVE_TIMEOUT = 120.0
+#: On-disk budget of the cache (the newest snapshots are kept): $CVMLAB_SNAPSHOT_MIB.
+DEFAULT_BUDGET_MIB = 4096
 RESTORE_TIMEOUT = 120.0
 _CHUNK = 4 << 20
 _PRIVATE_BITS = 0o077
@@ -422,7 +424,42 @@ class SnapshotCache:
             with contextlib.suppress(OSError):
                 data_path.unlink()
             raise SnapshotError(f"could not store the snapshot: {err.strerror}") from None
+        self.prune()
         return Snapshot(self._meta_path(key), data_path, meta)
+
+    def prune(self, budget: int | None = None) -> list[str]:
+        """Keep the newest snapshots within `budget` bytes on disk (default
+        $CVMLAB_SNAPSHOT_MIB, 4096 MiB); forget the older ones, and data files no
+        metadata names that are older than a save can take (a killed save's).
+        Returns the names removed."""
+        if budget is None:
+            mib = os.environ.get("CVMLAB_SNAPSHOT_MIB", "")
+            budget = (int(mib) if mib.isdigit() else DEFAULT_BUDGET_MIB) << 20
+        entries: list[tuple[float, Path, Path, int]] = []
+        for meta_path in self.root.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                meta = json.loads(meta_path.read_text())
+                data = self.root / Path(str(meta["data"])).name
+                entries.append(
+                    (float(meta["saved_at"]), meta_path, data, data.stat().st_blocks * 512)
+                )
+        removed: list[str] = []
+        used = 0
+        for _, meta_path, data, size in sorted(entries, key=lambda e: e[0], reverse=True):
+            used += size
+            if used > budget:
+                for path in (meta_path, data):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        removed.append(path.name)
+        named = {data.name for _, _, data, _ in entries}
+        stale = time.time() - 2 * SAVE_TIMEOUT
+        for data in self.root.glob("*.ram"):
+            with contextlib.suppress(OSError):
+                if data.name not in named and data.stat().st_mtime < stale:
+                    data.unlink()
+                    removed.append(data.name)
+        return removed
 
 
 # --- QMP sides of a save and a restore ---------------------------------------------------

@@ -158,6 +158,15 @@ def _image_from_json(data: dict[str, Any]) -> ImageManifest:
     )
 
 
+def _start_record(evidence_dir: Path) -> dict[str, Any] | None:
+    """The test's start.json (orchestrator.qemu.warm), None before warm starts existed."""
+    try:
+        start = json.loads((evidence_dir / "start.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return start if isinstance(start, dict) else None
+
+
 def write_repro_bundle(
     evidence_dir: Path,
     *,
@@ -200,6 +209,8 @@ def write_repro_bundle(
         "image": _image_to_json(image) if image is not None else None,
         "files": files,
         "seed": seed,
+        # How the guest started (cold, or restored from a snapshot): repro starts the same way.
+        "start": _start_record(evidence_dir),
         "window": {
             "ready": found.ready,
             "end": found.end,

@@ -143,12 +143,18 @@ def without_incoming(argv: Sequence[str]) -> list[str]:
 def warm_start_of(
     evidence_dir: Path, argv: Sequence[str]
 ) -> tuple[Snapshot | None, StartRecord | None]:
-    """How the test's guest started (its start.json) and, for a warm start, the same
-    snapshot if the cache still has it unchanged (else the repro boots cold)."""
+    """How the test's guest started (repro.json's `start`, else start.json) and, for a
+    warm start, the same snapshot if the cache still has it unchanged (else the repro
+    boots cold)."""
+    raw: Any = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        raw = json.loads((Path(evidence_dir) / "repro.json").read_text()).get("start")
+    if raw is None:
+        with contextlib.suppress(OSError, ValueError):
+            raw = json.loads((Path(evidence_dir) / "start.json").read_text())
     try:
-        raw = json.loads((Path(evidence_dir) / "start.json").read_text())
         start = StartRecord(raw["mode"], str(raw["reason"]), key=raw.get("key"))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None, None
     if start.mode != "warm" or INCOMING_ARGS[0] not in argv or not start.key:
         return None, start
