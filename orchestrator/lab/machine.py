@@ -42,7 +42,13 @@ Progress = Callable[[str], None]
 
 # cmdline: panic=-1 with -no-reboot ends QEMU at a panic; loglevel=4 keeps warnings and
 # worse on the console (the emulated UART is slow under TCG); amd_pstate: as the image's.
-KERNEL_CMDLINE = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init initcall_blacklist=amd_pstate_init"
+# tsc=reliable: under a loaded TCG the clocksource watchdog can demote the TSC to HPET,
+# whose every read is an emulated MMIO access; mitigations=off: the lab's kernel is
+# throwaway and its speculation barriers cost emulated instructions on every entry.
+KERNEL_CMDLINE = (
+    "console=ttyS0 panic=-1 loglevel=4 rdinit=/init initcall_blacklist=amd_pstate_init "
+    "tsc=reliable mitigations=off"
+)
 # Modules the runner loads inside (kvm_amd pulls in kvm, ccp, irqbypass).
 LOAD_MODULES = ("kvm_amd",)
 DEFAULT_MEMORY_MIB = 4096
