@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from avocado import Test
 from avocado.core import exceptions as avocado_exceptions
 
-from orchestrator.errors import CvmlabError, HostError, QemuError
+from orchestrator.errors import CvmlabError, HostError, ImageError, QemuError
 from orchestrator.guest.memhelper import MemHelper
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.baseline import TeardownWatch
@@ -45,7 +45,13 @@ from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import HostLogWatch
 from orchestrator.host.probe import HostProbe, probe_host
 from orchestrator.host.settle import Settled
-from orchestrator.image import ImageManifest, default_image, verify_image
+from orchestrator.image import (
+    ImageManifest,
+    build_image,
+    default_image,
+    load_manifest,
+    verify_image,
+)
 from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_verdict
 from orchestrator.invariants.host_log import host_log_verdict
 from orchestrator.invariants.outcome import Raised, decide
@@ -302,14 +308,46 @@ class MachineScenario(Scenario):
             self.error(f"bad machine spec: {error}")
         return spec
 
+    def choose_image(self) -> ImageManifest:
+        """The guest image: `-p image=DIR` (a built image), `-p guest_kernel_suite=S
+        [-p guest_kernel_version=V]` (the default recipe around that kernel, built on
+        demand), or the default image. What it is goes to `image.json` (guest kernel)."""
+        directory = self.params.get("image", default=None)
+        suite = self.params.get("guest_kernel_suite", default=None)
+        version = self.params.get("guest_kernel_version", default=None)
+        if directory and (suite or version):
+            raise ImageError(
+                "image= and guest_kernel_suite=/guest_kernel_version= both name the guest",
+                "pass one: a built image directory, or the kernel to build one around",
+            )
+        if directory:
+            return load_manifest(Path(str(directory)))
+        if suite or version:
+            return build_image(
+                kernel_suite=str(suite) if suite else None,
+                kernel_version=str(version) if version else None,
+                progress=self.log.info,
+            )
+        return default_image(progress=self.log.info)
+
     def setUp(self) -> None:
         super().setUp()
-        self.image = default_image(progress=self.log.info)
         try:
+            self.image = self.choose_image()
             # Hashes and key permissions: a changed image or an open key is refused here.
             verify_image(self.image)
         except CvmlabError as error:
-            self.error(str(error))
+            self.error(f"guest image: {error}")
+        (self.evidence_dir / "image.json").write_text(
+            json.dumps(
+                {
+                    "directory": str(self.image.directory),
+                    "guest_kernel": self.image.kernel_release,
+                    "cmdline": self.image.cmdline,
+                },
+                indent=2,
+            )
+        )
         self.spec = self.build_spec()
         self.before_launch()
         # H9's baseline: the runner's fds and children, quiet host counters, before QEMU.

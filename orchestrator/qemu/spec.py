@@ -288,7 +288,18 @@ class _Params:
 
 
 # Parameters that belong to the scenario, not to the machine.
-SCENARIO_KEYS = frozenset({"image", "tiers", "timeout", "seed", "tier", "qemu"})
+SCENARIO_KEYS = frozenset(
+    {
+        "image",
+        "guest_kernel_suite",
+        "guest_kernel_version",
+        "tiers",
+        "timeout",
+        "seed",
+        "tier",
+        "qemu",
+    }
+)
 
 _BACKEND_KEYS = ("backend", "share", "hugetlb", "hugetlbsize", "seal", "mem_path", "discard_data")
 
