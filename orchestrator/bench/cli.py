@@ -14,6 +14,10 @@ Each bench names what it measures, in wall-clock seconds:
   discards them), from the QMP `balloon` command until the host backing has
   settled, per backend (figures only, no target). It is not a host-side hole
   punch: it times the path a guest takes to return memory;
+- `lab`: the kernel-under-test lab's start to its command running against a raw
+  boot of the same kernel to init, same outer QEMU machine (target <= 1.5x);
+- `lab-gmem`: the gmem uAPI suite inside the lab, from the lab's start to its end,
+  against a 60 s budget per kernel;
 - `warm`: a guest restored from a snapshot to a working SSH command against a
   cold boot of the same machine (target <= 0.15x); see orchestrator.bench.warm.
 """
@@ -28,6 +32,7 @@ from typing import Any
 
 from orchestrator.bench.boot import bench_boot
 from orchestrator.bench.core import BenchResult
+from orchestrator.bench.lab import bench_lab, bench_lab_gmem
 from orchestrator.bench.punch import bench_punch
 from orchestrator.bench.report import bench_report
 from orchestrator.bench.repro import bench_repro
@@ -41,6 +46,8 @@ BENCHES: dict[str, Callable[[int, str, Callable[[str], None]], BenchResult]] = {
     "repro": bench_repro,
     "punch": bench_punch,
     "warm": bench_warm,
+    "lab": bench_lab,
+    "lab-gmem": bench_lab_gmem,
 }
 
 
