@@ -122,10 +122,12 @@ def _job_dirs(results: Path) -> list[Path]:
     return sorted(p for p in results.glob("job-*") if p.is_dir())
 
 
-def run_tiny_job(root: Path) -> Path:
-    """A complete job of 8 results (4 tests x 2 variants); returns its dir."""
+def run_tiny_job(root: Path, probe: dict[str, object] | None = None) -> Path:
+    """A complete job of 8 results (4 tests x 2 variants); returns its dir.
+
+    `probe` replaces the probe.json the tests write (e.g. one taken inside the lab)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "tiny.py").write_text(TINY_TESTS.format(probe=PROBE))
+    (root / "tiny.py").write_text(TINY_TESTS.format(probe=probe or PROBE))
     (root / "variants.yaml").write_text(VARIANTS)
     results = root / "jobs"
     proc = subprocess.run(

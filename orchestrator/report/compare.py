@@ -4,6 +4,9 @@ Each side is an avocado job dir, a report dir (holding `report.json`), or a
 `report.json` file: merge many hosts' jobs into one report first, then
 compare reports. Results are matched on the matrix key (scenario:test,
 variant, host tier); several results under one key count as their worst.
+The kernel under test of lab results is not part of the key, so comparing one
+kernel's run with another's (`--compare results-7.2 results-7.3`) matches the
+same tests and names the kernels where an outcome changed.
 
 - regression: PASS or WARN before, FAIL/ERROR/INTERRUPTED/INCOMPLETE now
 - fix: one of those failures before, PASS or WARN now
@@ -20,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import CvmlabError
-from orchestrator.report.jobs import BAD_STATUSES, SEVERITY, is_job_dir, load_job
+from orchestrator.report.jobs import (
+    BAD_STATUSES,
+    SEVERITY,
+    is_job_dir,
+    load_job,
+    split_kernel,
+)
 from orchestrator.report.store import FORMAT, REPORT_JSON
 
 Key = tuple[str, str, str]  # (row, variant, tier)
@@ -31,6 +40,7 @@ GOOD_STATUSES = frozenset({"PASS", "WARN"})
 class Outcome:
     status: str
     reason: str
+    kernel: str = ""  # the kernel under test (lab results), "" on a host
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,9 @@ class Change:
         old = self.old.status if self.old else "absent"
         new = self.new.status if self.new else "absent"
         text = f"{where}: {old} -> {new}"
+        kernels = (self.old.kernel if self.old else "", self.new.kernel if self.new else "")
+        if self.old and self.new and kernels[0] != kernels[1]:
+            text += f" (kernel {kernels[0] or 'of the host'} -> {kernels[1] or 'of the host'})"
         reason = (self.new or self.old or Outcome("", "")).reason
         return f"{text}: {reason}" if reason else text
 
@@ -98,8 +111,10 @@ def _from_records(records: Any, source: Path) -> dict[Key, Outcome]:
     side: dict[Key, Outcome] = {}
     for r in records.get("results", []):
         if isinstance(r, dict):
-            key = (str(r.get("row", "")), str(r.get("variant", "")), str(r.get("tier", "")))
-            side[key] = _worst(side.get(key), Outcome(str(r.get("status")), str(r.get("reason"))))
+            tier, kernel = split_kernel(str(r.get("tier", "")))
+            key = (str(r.get("row", "")), str(r.get("variant", "")), tier)
+            outcome = Outcome(str(r.get("status")), str(r.get("reason")), kernel)
+            side[key] = _worst(side.get(key), outcome)
     return side
 
 
@@ -109,8 +124,9 @@ def load_side(path: Path) -> dict[Key, Outcome]:
     if path.is_dir() and not report.is_file() and is_job_dir(path):
         side: dict[Key, Outcome] = {}
         for r in load_job(path).results:
-            key = (r.row, r.variant, r.tier)
-            side[key] = _worst(side.get(key), Outcome(r.status, r.reason))
+            tier, kernel = split_kernel(r.tier)
+            key = (r.row, r.variant, tier)
+            side[key] = _worst(side.get(key), Outcome(r.status, r.reason, kernel))
         return side
     if not report.is_file():
         raise CvmlabError(

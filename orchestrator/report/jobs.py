@@ -85,6 +85,8 @@ class HostInfo:
     available: frozenset[str] | None  # None: no probe.json was found
     missing: Mapping[str, str] = field(default_factory=dict)  # tier -> reason
     detail: str = ""  # kernel release and CPU model, when the probe gave them
+    # The kernel under test when the job ran inside `cvmlab lab` (probe.json host.lab).
+    kernel_under_test: str = ""
 
 
 @dataclass
@@ -287,7 +289,9 @@ def _host_from_probe(probe: Any, fallback_name: str) -> HostInfo | None:
             name = candidate
             break
     known = frozenset(available) if isinstance(tiers, dict) else None
-    return HostInfo(name, known, missing, detail)
+    lab = host.get("lab") if isinstance(host, dict) else None
+    kernel = str(lab.get("kernel_under_test") or "") if isinstance(lab, dict) else ""
+    return HostInfo(name, known, missing, detail, kernel)
 
 
 def _job_host(path: Path) -> HostInfo:
@@ -347,10 +351,27 @@ def host_tier(test_tiers: frozenset[str], available: frozenset[str] | None) -> s
     return UNKNOWN_TIER
 
 
+# A result's tier column carries the kernel under test when it ran in the lab:
+# "gmem @ 7.3.4+deb13-amd64". That is the report's kernel axis: one column per kernel.
+KERNEL_SEPARATOR = " @ "
+
+
+def with_kernel(tier: str, kernel: str) -> str:
+    return f"{tier}{KERNEL_SEPARATOR}{kernel}" if kernel else tier
+
+
+def split_kernel(tier: str) -> tuple[str, str]:
+    """('gmem', '7.3.4+deb13-amd64') of a lab column; (tier, '') of a host's."""
+    base, _, kernel = tier.partition(KERNEL_SEPARATOR)
+    return base, kernel
+
+
 def tier_sort_key(tier: str) -> tuple[int, str]:
-    """Columns go from the plainest tier to the most confidential one."""
+    """Columns go from the plainest tier to the most confidential one, host before lab
+    kernels, kernels by version."""
     order = ("tcg", "kvm", "gmem", "sw-protected", "snp", "tdx")
-    return (order.index(tier) if tier in order else len(order), tier)
+    base, kernel = split_kernel(tier)
+    return (order.index(base) if base in order else len(order), kernel)
 
 
 # Names of variants-file nodes that group, rather than name, a variant.
@@ -416,7 +437,7 @@ def _from_results_json(job: Path, job_host: HostInfo, test: dict[str, Any]) -> T
         status=status,
         reason=reason,
         tags=tags,
-        tier=host_tier(_tier_tags(tags), host.available),
+        tier=with_kernel(host_tier(_tier_tags(tags), host.available), host.kernel_under_test),
         host=host.name,
         elapsed=float(elapsed) if isinstance(elapsed, (int, float)) else None,
         logdir=logdir,
@@ -473,7 +494,7 @@ def _from_test_dirs(job: Path, job_host: HostInfo, job_id: str) -> list[TestResu
                 status=status,
                 reason=reason,
                 tags={},
-                tier=host_tier(frozenset(), host.available),
+                tier=with_kernel(host_tier(frozenset(), host.available), host.kernel_under_test),
                 host=host.name,
                 elapsed=None,
                 logdir=entry,
