@@ -84,7 +84,7 @@ def test_gitlab_merge_job_needs_every_tier_and_runs_when_they_fail(
 ) -> None:
     job = gitlab["cvmlab:report"]
     needed = {need["job"] for need in job["needs"]}
-    assert needed == {f"cvmlab:{tier}" for tier in TIERS}
+    assert needed == {f"cvmlab:{tier}" for tier in TIERS} | {"cvmlab:kernels"}
     assert all(need["artifacts"] and need["optional"] for need in job["needs"])
     assert job["when"] == "always"
     stages = gitlab["stages"]
@@ -132,7 +132,7 @@ def test_github_merge_job_needs_the_tiers_and_runs_when_they_fail(
     github: dict[str, Any],
 ) -> None:
     job = github["jobs"]["report"]
-    assert job["needs"] == ["tier"]
+    assert job["needs"] == ["tier", "kernels"]
     assert "always()" in job["if"]
     steps = job["steps"]
     download = next(s for s in steps if s.get("uses", "").startswith("actions/download-artifact"))
@@ -182,7 +182,7 @@ def test_run_profile_refuses_an_unknown_profile_naming_the_known_ones(tmp_path: 
     proc = _run_profile(tmp_path, "no-such-profile", "tcg")
     assert proc.returncode != 0
     assert "no profile 'no-such-profile'" in proc.stderr
-    assert "smoke, full, qualification, stress" in proc.stderr
+    assert "smoke, full, kernels, qualification, stress" in proc.stderr
 
 
 def test_merge_report_merges_every_tiers_jobs(tmp_path: Path) -> None:
@@ -205,3 +205,17 @@ def test_merge_report_merges_every_tiers_jobs(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "results" / "lab-report" / "report.json").read_text())
     assert len(report["jobs"]) == 2 and len(report["results"]) == 16
     assert "| all |" in (tmp_path / "results" / "lab-report" / "summary.md").read_text()
+
+
+def test_the_kernels_job_runs_the_lab_profile_on_any_runner(
+    gitlab: dict[str, Any], github: dict[str, Any]
+) -> None:
+    """Kernel qualification needs no KVM or CoCo hardware: it runs in the lab."""
+    job = gitlab["cvmlab:kernels"]
+    assert job["tags"] == ["tcg"] and job["stage"] == "cvmlab-lab"
+    assert 'ci/lab/run-profile.sh kernels any "$CVMLAB_PARALLEL"' in job["script"]
+    assert job["artifacts"]["paths"] == ["results/lab-kernels/"]
+    steps = github["jobs"]["kernels"]["steps"]
+    assert any("run-profile.sh kernels any" in s.get("run", "") for s in steps)
+    assert github["jobs"]["kernels"]["runs-on"] == ["self-hosted", "tcg"]
+
