@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator.errors import LabError
 from orchestrator.lab.cli import parse_memory
-from orchestrator.lab.kernels import LabKernel, _check_request, local_kernel
+from orchestrator.lab.kernels import LabKernel, _check_request, check_kvm_modules, local_kernel
 from orchestrator.lab.machine import (
     KERNEL_CMDLINE,
     LabConfig,
@@ -106,6 +106,31 @@ def test_a_vmlinuz_that_is_not_a_bzimage_is_refused(tmp_path: Path) -> None:
         local_kernel(tmp_path / "vmlinuz", None)
     with pytest.raises(LabError, match="is not a file"):
         local_kernel(tmp_path / "missing", None)
+
+
+def modules_dir(tmp_path: Path, dep: str, builtin: str = "") -> LabKernel:
+    directory = tmp_path / "lib/modules/7.3.4+deb13-amd64"
+    directory.mkdir(parents=True)
+    (directory / "modules.dep").write_text(dep)
+    (directory / "modules.builtin").write_text(builtin)
+    return LabKernel("7.3.4+deb13-amd64", tmp_path / "vmlinuz", directory, "test")
+
+
+def test_a_kernel_without_kvm_or_without_kvm_amd_is_refused_before_booting(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(LabError, match="has no KVM modules"):
+        check_kvm_modules(modules_dir(tmp_path / "a", "kernel/fs/9p/9p.ko.xz:\n"))
+    with pytest.raises(LabError, match="has KVM but no kvm_amd"):
+        check_kvm_modules(
+            modules_dir(
+                tmp_path / "b",
+                "kernel/arch/x86/kvm/kvm-intel.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz\n"
+                "kernel/arch/x86/kvm/kvm.ko.xz:\n",
+            )
+        )  # fmt: skip
+    check_kvm_modules(modules_dir(tmp_path / "c", "", "kernel/arch/x86/kvm/kvm.ko\n"
+                                  "kernel/arch/x86/kvm/kvm-amd.ko\n"))  # fmt: skip
 
 
 def test_memory_sizes_parse_and_nonsense_is_refused() -> None:

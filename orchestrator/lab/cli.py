@@ -24,7 +24,7 @@ from types import FrameType
 
 from orchestrator.errors import LabError
 from orchestrator.image.builder import cache_root
-from orchestrator.lab.kernels import LabKernel, debian_kernel, local_kernel
+from orchestrator.lab.kernels import LabKernel, check_kvm_modules, debian_kernel, local_kernel
 from orchestrator.lab.machine import (
     DEFAULT_CPUS,
     DEFAULT_MEMORY_MIB,
@@ -110,7 +110,15 @@ def run_command(args: argparse.Namespace) -> int:
         raise LabError("no command given", "put it after --: cvmlab lab --kernel 7.3 -- CMD ARGS")
     signal.signal(signal.SIGTERM, _terminate)
     qemu = introspect_qemu(args.qemu)
+    missing = [f for f in ("svm", "npt") if not qemu.tcg_max_cpu.get(f)]
+    if "tcg" not in qemu.accelerators or missing:
+        raise LabError(
+            f"{qemu.describe()} cannot run the lab: its TCG `-cpu max` lacks "
+            f"{' and '.join(missing) or 'TCG itself'}, so kvm_amd cannot load inside",
+            "install QEMU >= 10.0 (ci/setup-host.sh), or name one with --qemu",
+        )
     kernel = resolve_kernel(args)
+    check_kvm_modules(kernel)
     writable = [CHECKOUT, Path.cwd(), cache_root(), *args.rw]
     results = args.results.resolve()
     results.mkdir(parents=True, exist_ok=True)

@@ -235,3 +235,35 @@ def local_kernel(vmlinuz: Path, modules_dir: Path | None) -> LabKernel:
         modules_dir.resolve() if modules_dir else None,
         f"local {vmlinuz.resolve()}",
     )
+
+
+def check_kvm_modules(kernel: LabKernel) -> None:
+    """Refuse, before booting, a kernel whose modules have no KVM or no kvm_amd.
+
+    Only a kernel with a modules directory can be judged here (modules.dep and
+    modules.builtin); one without is judged inside, where /dev/kvm exists or not.
+    """
+    if kernel.modules_dir is None:
+        return
+    names: set[str] = set()
+    for listing in ("modules.dep", "modules.builtin"):
+        try:
+            text = (kernel.modules_dir / listing).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            path = line.split(":", 1)[0].strip()
+            base = path.rsplit("/", 1)[-1].split(".ko", 1)[0]
+            names.add(base.replace("-", "_"))
+    if "kvm" not in names:
+        raise LabError(
+            f"kernel {kernel.release} has no KVM modules (no kvm in modules.dep or "
+            "modules.builtin)",
+            "build it with CONFIG_KVM=m (or y) and CONFIG_KVM_AMD",
+        )
+    if "kvm_amd" not in names:
+        raise LabError(
+            f"kernel {kernel.release} has KVM but no kvm_amd (the lab's CPU is TCG's AMD "
+            "`-cpu max`, with SVM)",
+            "build it with CONFIG_KVM_AMD=m (or y)",
+        )
