@@ -269,7 +269,8 @@ def _run(
     partial = b""
     running_at: float | None = None
     panic_at: float | None = None
-    log = console_log.open("ab") if console_log else None
+    # Unbuffered: the console file is read while the lab runs (tail -f, tests).
+    log = console_log.open("ab", buffering=0) if console_log else None
     finished = False  # the console ended by itself: QEMU is exiting, give it a moment
     with tempfile.TemporaryFile() as qemu_stderr:
         proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=qemu_stderr)
