@@ -342,3 +342,82 @@ def test_a_failing_tree_build_through_the_command_line(
     assert "Kconfig: no" in result.stderr
     assert "Traceback" not in result.stderr
     assert "configure (defconfig + kvm_guest.config): started" in result.stdout
+
+
+def _fake_bzimage(path: Path, release: str) -> None:
+    """A file with a bzImage setup header: "HdrS" at 0x202, the version string's pointer
+    (minus 0x200) at 0x20e (Documentation/arch/x86/boot.rst, kernel_version)."""
+    data = bytearray(0x400)
+    data[0x202:0x206] = b"HdrS"
+    data[0x20E:0x210] = (0x300 - 0x200).to_bytes(2, "little")
+    version = f"{release} (cvmlab@test) #1 SMP".encode() + b"\0"
+    data[0x300 : 0x300 + len(version)] = version
+    path.write_bytes(bytes(data))
+
+
+def fake_kbuild_tree(tmp_path: Path) -> Path:
+    """A tree whose Makefile stands for kbuild: O= objects, the four targets cvmlab runs
+    (its olddefconfig writes the fragment, so the config check passes), a bzImage."""
+    tree = fake_tree(tmp_path / "linux")
+    (tmp_path / "fragment").write_text(fragment_text())
+    bzimage = tmp_path / "prebuilt-bzImage"
+    _fake_bzimage(bzimage, "9.8.7-rc1-cvmlab-sw-protected")
+    (tree / "scripts").mkdir()
+    config_script = tree / "scripts" / "config"
+    config_script.write_text("#!/bin/sh\nexit 0\n")
+    config_script.chmod(0o755)
+    with (tree / "Makefile").open("a") as makefile:
+        makefile.write(
+            "defconfig kvm_guest.config:\n\t@echo CONFIG_X=y > $(O)/.config\n"
+            f"olddefconfig:\n\t@cp {tmp_path / 'fragment'} $(O)/.config\n"
+            "bzImage:\n\t@mkdir -p $(O)/arch/x86/boot\n"
+            f"\t@echo '  CC      init/main.o'\n\t@cp {bzimage} $(O)/arch/x86/boot/bzImage\n"
+        )
+    return tree
+
+
+def test_a_tree_build_publishes_and_rebuilds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The success path through real make: config kept, bzImage, manifest, printed path."""
+    tree = fake_kbuild_tree(tmp_path)
+    bzimage = tmp_path / "prebuilt-bzImage"
+    monkeypatch.setenv(kb.CACHE_ENV, str(tmp_path / "cache"))
+    assert kernel_build_main(["--tree", str(tree), "--jobs", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    built = Path(out[-1])
+    assert built.name == "bzImage" and built.read_bytes() == bzimage.read_bytes()
+    manifest = kb.BuiltKernel(built.parent).manifest
+    assert manifest["release"] == "9.8.7-rc1-cvmlab-sw-protected"
+    assert manifest["series"] == "9.8"
+    assert manifest["inputs"]["source"] == {
+        "tree": str(tree.resolve()),
+        "kernelversion": "9.8.7-rc1",
+    }
+    assert set(manifest["seconds"]) == {"configure", "bzImage", "bzImage_cpu"}
+    assert (built.parent / "config").read_text() == fragment_text()
+    assert any("kernel 9.8.7-rc1-cvmlab-sw-protected (bzImage built in" in line for line in out)
+    # A tree is rebuilt every time (make is its cache); its object directory is kept.
+    assert kernel_build_main(["--tree", str(tree), "--jobs", "1"]) == 0
+    assert Path(capsys.readouterr().out.splitlines()[-1]) == built
+    assert (tmp_path / "cache" / "build" / built.parent.name / "build.log").exists()
+
+
+def test_an_archive_build_is_a_cache_hit_the_second_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same inputs, same key: nothing is built again (make would fail now) and the object
+    directory of the first build is gone."""
+    tree = fake_kbuild_tree(tmp_path)
+    monkeypatch.setenv(kb.CACHE_ENV, str(tmp_path / "cache"))
+    source = KernelSource(tree, "9.8", dict(ARCHIVE.identity))
+    first = kb.build_kernel(source, lambda line: None, jobs=1)
+    assert not (tmp_path / "cache" / "build" / first.directory.name).exists()
+    (tree / "Makefile").write_text("VERSION = 9\nPATCHLEVEL = 8\n%:\n\t@exit 1\n")
+    seen, progress = _lines()
+    again = kb.build_kernel(source, progress, jobs=1)
+    assert again == first
+    assert seen == [f"kernel linux-7.3.4-1 (sw-protected) is cached: {first.bzimage}"]
+    changed = KernelSource(tree, "9.8", {**ARCHIVE.identity, "sha256": "ef" * 32})
+    with pytest.raises(KernelBuildError, match="failed"):
+        kb.build_kernel(changed, lambda line: None, jobs=1)
