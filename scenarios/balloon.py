@@ -258,24 +258,33 @@ class BalloonFreePageReporting(BalloonScenario):
         reported = self.trace.totals().minus(trace_before)
         host_after = self.settled_host()
         # Baseline and peak must have settled: the amount to come back is their difference.
-        self.check(
-            settled_or_incomplete(within(
-                "H2",
-                f"free page reporting: the {REPORTED_MIB} MiB the guest freed ({kib(added)} KiB "
-                f"on the host, {expect.mechanism}) return to the host within "
-                f"{REPORTING_BOUND:g} s",
-                expected=kib(added),
-                seen=kib(peak.held - after.held),
-                tolerance=DROP_TOLERANCE,
-                unit="KiB",
-                returned_after_s=round(returned.elapsed, 3),
-                within_bound=returned.ok,
-                baseline=baseline.to_json(),
-                peak=peak.to_json(),
-                after=after.to_json(),
-                trace=reported.to_json(),
-            ), baseline, peak)
-        )  # fmt: skip
+        evidence = {
+            "returned_after_s": round(returned.elapsed, 3), "within_bound": returned.ok,
+            "baseline": baseline.to_json(), "peak": peak.to_json(), "after": after.to_json(),
+            "trace": reported.to_json(),
+        }  # fmt: skip
+        what = (
+            f"free page reporting: the {REPORTED_MIB} MiB the guest freed ({kib(added)} KiB "
+            f"on the host, {expect.mechanism}) return to the host within {REPORTING_BOUND:g} s"
+        )
+        freed = peak.held - after.held
+        if expect.held > 1:
+            # share=off: a reported page loses its private copy and the file page under it,
+            # and the guest had touched some of those file pages before the fill (at boot),
+            # so between 1x and `held`x what the fill added comes back (seen: 2.0x here).
+            low = (1 - DROP_TOLERANCE.relative) * added
+            high = (1 + DROP_TOLERANCE.relative) * expect.held * added
+            verdict = holds(
+                "H2", f"{what} (between 1x and {expect.held:g}x: share=off)",
+                low <= freed <= high, expected_kib=[kib(int(low)), kib(int(high))],
+                seen_kib=kib(freed), **evidence,
+            )  # fmt: skip
+        else:
+            verdict = within(
+                "H2", what, expected=kib(added), seen=kib(freed), tolerance=DROP_TOLERANCE,
+                unit="KiB", **evidence,
+            )  # fmt: skip
+        self.check(settled_or_incomplete(verdict, baseline, peak))
         self.check(
             settled_or_incomplete(holds(
                 "H2",
