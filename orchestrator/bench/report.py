@@ -47,19 +47,28 @@ VARIANTS = (
 
 def _timeline(rng: random.Random, start: float, samples: int, verdict: str) -> list[str]:
     records: list[dict[str, object]] = []
-    shmem, unevictable, cached = 524288.0, 0.0, 1048576.0
+    # As the real writers record them: counters in whole KiB (orchestrator.memory.backing
+    # divides bytes by 1024), times on the monotonic clock to the microsecond
+    # (orchestrator.timeline rounds to 6 decimals), with a sampler's jitter.
+    shmem, unevictable, cached = 524288, 0, 1048576
     punch_at, convert_at = samples // 3, samples // 2
     for i in range(samples):
-        t = start + i * 0.5
+        t = round(start + i * 0.5 + rng.random() * 0.01, 6)
         if i == punch_at:
             records.append(
-                {"t": t - 0.1, "source": "op", "kind": "punch", "offset": 0, "length": 64 << 20}
+                {
+                    "t": round(t - 0.1, 6),
+                    "source": "op",
+                    "kind": "punch",
+                    "offset": 0,
+                    "length": 64 << 20,
+                }
             )
             shmem -= 65536
         if i == convert_at:
             records.append(
                 {
-                    "t": t - 0.1,
+                    "t": round(t - 0.1, 6),
                     "source": "op",
                     "kind": "convert",
                     "to": "private",
@@ -71,7 +80,7 @@ def _timeline(rng: random.Random, start: float, samples: int, verdict: str) -> l
         if i == samples - 5:
             records.append(
                 {
-                    "t": t - 0.2,
+                    "t": round(t - 0.2, 6),
                     "source": "qmp",
                     "kind": "event",
                     "event": "BALLOON_CHANGE",
@@ -81,7 +90,7 @@ def _timeline(rng: random.Random, start: float, samples: int, verdict: str) -> l
         if i % 6 == 0:
             records.append(
                 {
-                    "t": t + 0.01,
+                    "t": round(t + 0.01, 6),
                     "source": "serial",
                     "kind": "line",
                     "text": f"[ {i:5d}.000] guest line",
@@ -163,7 +172,7 @@ def write_synthetic_job(
     probe_text = json.dumps(probe)
     tests = []
     log = []
-    clock = 1000.0
+    clock = 93_600.0  # monotonic seconds of a host up for a day, as real timelines have them
     for n in range(1, results + 1):
         variant = VARIANTS[(n - 1) % len(VARIANTS)]
         scenario = f"scenario{(n - 1) // len(VARIANTS):03d}"
@@ -240,7 +249,7 @@ def write_synthetic_job(
                 "warn": counts["WARN"],
                 "interrupt": counts["INTERRUPTED"],
                 "debuglog": str(job / "job.log"),
-                "time": clock - 1000.0,
+                "time": clock - 93_600.0,
             }
         )
     )
