@@ -187,6 +187,8 @@ def render_index(jobs: list[Job], matrix: Matrix, pages: dict[int, str], out_dir
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if value.__class__ is int:  # most cells: nothing to encode, nothing to escape
+        return str(value)
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return escape(text if len(text) <= 600 else text[:600] + "...")
 

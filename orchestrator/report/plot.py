@@ -1,30 +1,34 @@
 """A test's timeline drawn as SVG by hand: host memory counters over time, events marked.
 
-`timeline.jsonl` (orchestrator.timeline) holds one record per line,
-`{"t": monotonic_seconds, "source": ..., "kind": ..., ...}`. Host samples
-(`source "host", kind "sample", counters {name: KiB}`) become lines, one per
-counter, drawn as the change since the counter's first sample: what a punch,
-a balloon or a conversion should move is a difference, and a 2 MiB drop is
-invisible on a 4 GiB absolute scale. Every other record becomes a vertical
-marker (operations such as punch, convert, balloon; QMP events; verdicts; the
-machine's life; guest steps; crashes), except the chatty ones (serial lines,
-SSH, QMP commands and replies), which are only counted.
-Records of sources or kinds this module does not know are counted, never an
-error; so are lines that are not JSON (a file cut short by a killed runner).
+What is drawn comes from orchestrator.report.timeline_data (the file format is
+described there). Host samples become lines, one per counter, drawn as the
+change since the counter's first sample: what a punch, a balloon or a
+conversion should move is a difference, and a 2 MiB drop is invisible on a
+4 GiB absolute scale. Every other record worth it is a vertical marker.
+
+A long series is drawn from the lowest and highest value of each run of
+consecutive samples (PLOT_BUCKETS runs): a spike or a step stays visible at
+the plot's resolution, and a page costs the same whatever the test's length.
+The plot says so when it does, with the number of samples.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections import Counter
-from dataclasses import dataclass, field
+import operator
 from html import escape
-from pathlib import Path
-from typing import Any
+from itertools import chain
 
-# Lines of a timeline read at most: a runaway recorder must not stall the report.
-MAX_RECORDS = 200_000
+from orchestrator.report.timeline_data import (
+    MAX_RECORDS,
+    Marker,
+    Series,
+    TimelineData,
+    read_timeline,
+)
+
+__all__ = ["MAX_RECORDS", "Marker", "Series", "TimelineData", "read_timeline", "render_plot"]
+
 MAX_SERIES = 8
 MAX_MARKERS = 400
 SERIES_COLOURS = (
@@ -47,165 +51,6 @@ MARKER_COLOURS = {
     "crash": "#b00020",
     "event": "#555555",
 }
-
-
-@dataclass(frozen=True)
-class Marker:
-    t: float
-    label: str
-    category: str  # a MARKER_COLOURS key
-    detail: str  # the record, for the hover text
-
-
-@dataclass
-class TimelineData:
-    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    markers: list[Marker] = field(default_factory=list)
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
-    bad_lines: int = 0
-    t0: float | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not self.series and not self.markers
-
-
-def _event_name(record: dict[str, Any]) -> str:
-    """A QMP event's name: at the top (`event`) or in the message as recorded (`msg.event`)."""
-    msg = record.get("msg")
-    for value in (record.get("event"), msg.get("event") if isinstance(msg, dict) else None):
-        if isinstance(value, str) and value:
-            return value
-    return "event"
-
-
-def _category(source: str, label: str) -> str:
-    if source == "verdict":
-        return "verdict-fail" if label.endswith(" fail") else "verdict-pass"
-    words = f"{source} {label}".lower()
-    if "crash" in words or "panic" in words:
-        return "crash"
-    for word, category in (
-        ("punch", "punch"),
-        ("convert", "convert"),
-        ("conversion", "convert"),
-        ("balloon", "balloon"),
-    ):
-        if word in words:
-            return category
-    if "virtio-mem" in words or "memory_device" in words or "virtio_mem" in words:
-        return "virtio-mem"
-    return "event"
-
-
-# Records too frequent or too plain to mark: the plot draws every other record as a
-# marker, so a recorder added later (a new source or kind) shows up unasked.
-QUIET_SOURCES = frozenset({"ssh"})
-QUIET_RECORDS = frozenset(
-    {("serial", "line"), ("qmp", "command"), ("qmp", "reply"), ("qmp", "greeting")}
-)
-
-
-def _marker(record: dict[str, Any], t: float) -> Marker | None:
-    """A marker for the records worth a vertical line; None for the quiet ones."""
-    source = str(record.get("source", ""))
-    kind = str(record.get("kind", ""))
-    if source in QUIET_SOURCES or (source, kind) in QUIET_RECORDS:
-        return None
-    if source == "qmp" and kind == "event":
-        label = _event_name(record)
-    elif source == "verdict":
-        label = f"{record.get('invariant', '?')} {kind}"
-    elif source in ("op", "machine"):  # operations; the guest's life (launch, ready, exited)
-        label = kind
-    else:
-        label = f"{source} {kind}"
-    detail = json.dumps(record, default=str)
-    if len(detail) > 400:
-        detail = detail[:400] + "..."
-    return Marker(t, label, _category(source, label), detail)
-
-
-def _parse_lines(text: str) -> tuple[list[Any], int]:
-    """The JSON value of each non-blank line, and how many lines were not JSON.
-
-    One decode of the whole file as an array is several times faster than one
-    per line; a file with a bad line (cut short by a killed runner) falls
-    back to line by line.
-    """
-    lines = [line for line in text.splitlines() if line.strip()][:MAX_RECORDS]
-    try:
-        values = json.loads("[" + ",".join(lines) + "]")
-        if isinstance(values, list) and len(values) == len(lines):
-            return values, 0
-    except ValueError:
-        pass
-    values, bad = [], 0
-    for line in lines:
-        try:
-            values.append(json.loads(line))
-        except ValueError:
-            bad += 1
-    return values, bad
-
-
-def read_timeline(path: Path) -> TimelineData:
-    """Samples, markers and a count of every (source, kind) in `path`; missing file: empty."""
-    data = TimelineData()
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return data
-    records, data.bad_lines = _parse_lines(text)
-    # The hottest loop of the report (a test's timeline holds thousands of
-    # samples): plain dicts and local names rather than Counter and setdefault.
-    series = data.series
-    markers = data.markers
-    counts: dict[tuple[Any, Any], int] = {}
-    t0 = math.inf
-    bad = 0
-    for record in records:
-        if record.__class__ is not dict:
-            bad += 1
-            continue
-        try:
-            t = float(record["t"])
-        except (KeyError, TypeError, ValueError):
-            bad += 1
-            continue
-        if not math.isfinite(t):
-            bad += 1
-            continue
-        if t < t0:
-            t0 = t
-        source, kind = record.get("source", "?"), record.get("kind", "?")
-        try:
-            key = (source, kind)
-            counts[key] = counts.get(key, 0) + 1
-        except TypeError:  # a list or dict where a name belongs
-            key = (str(source), str(kind))
-            counts[key] = counts.get(key, 0) + 1
-        if source == "host" and kind == "sample":
-            counters = record.get("counters")
-            if counters.__class__ is dict:
-                for name, value in counters.items():
-                    if value.__class__ is int or value.__class__ is float:  # not bool, not str
-                        points = series.get(name)
-                        if points is None:
-                            points = series[str(name)] = []
-                        points.append((t, value))
-                continue
-        marker = _marker(record, t)
-        if marker is not None:
-            markers.append(marker)
-    data.bad_lines += bad
-    for (source, kind), n in counts.items():
-        data.counts[(str(source), str(kind))] += n
-    data.t0 = t0 if t0 != math.inf else None
-    for points in series.values():
-        points.sort()
-    data.markers.sort(key=lambda m: m.t)
-    return data
 
 
 def nice_step(span: float, target_ticks: int = 5) -> float:
@@ -235,37 +80,51 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-def _thin(points: list[tuple[float, float]], buckets: int) -> list[tuple[float, float]]:
-    """At most about 2*buckets points, keeping each bucket's min and max (spikes stay visible)."""
-    if len(points) <= 2 * buckets:
-        return points
-    t_low, t_high = points[0][0], points[-1][0]
-    width = (t_high - t_low) / buckets or 1.0
-    kept: list[tuple[float, float]] = []
-    bucket: list[tuple[float, float]] = []
-    current = 0
-    for point in points:
-        index = min(int((point[0] - t_low) / width), buckets - 1)
-        if index != current and bucket:
-            low, high = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
-            kept.extend(sorted({low, high}))
-            bucket = []
-        current = index
-        bucket.append(point)
-    if bucket:
-        low, high = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
-        kept.extend(sorted({low, high}))
-    return kept
+# Runs of samples a long series is drawn from (two points each): about 6 px each.
+PLOT_BUCKETS = 120
 
 
-def _pick_series(series: dict[str, list[tuple[float, float]]]) -> list[str]:
+def _decimate(series: Series, buckets: int) -> tuple[list[float], list[float], int]:
+    """(times, values, run length): the lowest and highest value of each run of samples.
+
+    Runs of `k` consecutive samples (k = 1: every sample, when there are at most
+    2 * buckets). Each run gives two points, at its first and last sample's time,
+    in the order of the run's direction (a fall draws high then low), so steps
+    keep their direction and a one-sample spike keeps its height. The work is
+    done by min/max over strided slices, not a Python loop over samples.
+    """
+    times, values = series.times, series.values
+    n = len(values)
+    if n <= 2 * buckets:
+        return times, values, 1
+    k = -(-n // buckets)
+    full = n - n % k
+    strided = [values[j:full:k] for j in range(k)]
+    lows, highs = list(map(min, *strided)), list(map(max, *strided))
+    firsts, lasts = strided[0], strided[-1]
+    starts, ends = times[0:full:k], times[k - 1 : full : k]
+    if full < n:  # a shorter last run
+        lows.append(min(values[full:]))
+        highs.append(max(values[full:]))
+        firsts.append(values[full])
+        lasts.append(values[-1])
+        starts.append(times[full])
+        ends.append(times[-1])
+    xs = list(chain.from_iterable(zip(starts, ends, strict=True)))
+    pairs = zip(lows, highs, map(operator.ge, lasts, firsts), strict=True)
+    ys = list(chain.from_iterable([(lo, hi) if up else (hi, lo) for lo, hi, up in pairs]))
+    return xs, ys, k
+
+
+def _pick_series(series: dict[str, Series]) -> list[str]:
     """The counters that moved most (then by name), at most MAX_SERIES."""
 
     def movement(name: str) -> float:
-        values = [v for _, v in series[name]]
+        values = series[name].values
         return max(values) - min(values)
 
-    return sorted(series, key=lambda n: (-movement(n), n))[:MAX_SERIES]
+    named = [n for n in series if series[n].values]
+    return sorted(named, key=lambda n: (-movement(n), n))[:MAX_SERIES]
 
 
 def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
@@ -279,15 +138,14 @@ def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
     left, right, top, bottom = 70, 190, 20, 42
     plot_w, plot_h = width - left - right, height - top - bottom
     t0 = data.t0 or 0.0
-    times = [t for n in names for t, _ in data.series[n]] + [m.t for m in data.markers]
-    t_high = max(times, default=t0) - t0
+    ends = [data.series[n].times[-1] for n in names] + [m.t for m in data.markers]
+    t_high = max(ends, default=t0) - t0
     t_span = t_high if t_high > 0 else 1.0
     # Values: MiB changed since the counter's first sample (counters are KiB).
-    deltas = {
-        n: [(t - t0, (v - data.series[n][0][1]) / 1024.0) for t, v in data.series[n]] for n in names
-    }
-    values = [v for pts in deltas.values() for _, v in pts] or [0.0]
-    v_low, v_high = min(*values, 0.0), max(*values, 0.0)
+    firsts = {n: data.series[n].values[0] for n in names}
+    lows = [(min(data.series[n].values) - firsts[n]) / 1024.0 for n in names]
+    highs = [(max(data.series[n].values) - firsts[n]) / 1024.0 for n in names]
+    v_low, v_high = min(*lows, 0.0, 0.0), max(*highs, 0.0, 0.0)
     if v_high - v_low < 1e-9:
         v_low, v_high = v_low - 1.0, v_high + 1.0
     pad = (v_high - v_low) * 0.05
@@ -346,26 +204,34 @@ def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
             )
             last_label_x = mx
         out.append("</g>")
+    run = 1
     for i, name in enumerate(names):
         colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-        points = _thin(deltas[name], plot_w)
-        # x() and y() inlined: this is the report's hottest loop.
-        sx, sy, base = plot_w / t_span, plot_h / (v_high - v_low), top + plot_h
-        coords = " ".join(
-            f"{round(left + t * sx)},{round(base - (v - v_low) * sy)}" for t, v in points
-        )
-        first, raw = data.series[name][0][1], [v for _, v in data.series[name]]
+        series = data.series[name]
+        times, values, k = _decimate(series, PLOT_BUCKETS)
+        run = max(run, k)
+        # Pixels straight from KiB and seconds: one multiply-add per coordinate, this
+        # being the report's hottest loop.
+        sx, sy = plot_w / t_span, plot_h / (v_high - v_low) / 1024.0
+        bx = left - t0 * sx
+        by = top + plot_h + (v_low * 1024.0 + firsts[name]) * sy
+        pairs = zip(times, values, strict=True)
+        coords = " ".join([f"{round(bx + t * sx)},{round(by - v * sy)}" for t, v in pairs])
+        raw = series.values
+        drawn = f", drawn as the low and high of every {k}" if k > 1 else ""
         hover = (
-            f"{name}: first {first:.0f} KiB, min {min(raw):.0f}, max {max(raw):.0f}, "
-            f"last {raw[-1]:.0f} KiB ({len(raw)} samples)"
+            f"{name}: first {firsts[name]:.0f} KiB, min {min(raw):.0f}, max {max(raw):.0f}, "
+            f"last {raw[-1]:.0f} KiB ({len(raw)} samples{drawn})"
         )
         out.append(
             f'<g class="series"><title>{escape(hover)}</title>'
             f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{coords}"/>'
         )
-        if len(points) == 1:
-            (t, v) = points[0]
-            out.append(f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="2.5" fill="{colour}"/>')
+        if len(times) == 1:
+            out.append(
+                f'<circle cx="{x(times[0] - t0):.1f}" '
+                f'cy="{y((values[0] - firsts[name]) / 1024.0):.1f}" r="2.5" fill="{colour}"/>'
+            )
         ly = top + 8 + i * 18
         out.append(
             f'<rect x="{left + plot_w + 12}" y="{ly}" width="14" height="3" fill="{colour}"/>'
@@ -374,6 +240,8 @@ def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
         )
     hidden = len(data.series) - len(names)
     notes = []
+    if run > 1:
+        notes.append(f"drawn: low/high of every {run} samples")
     if hidden > 0:
         notes.append(f"{hidden} steadier counter(s) not drawn")
     if len(data.markers) > MAX_MARKERS:
