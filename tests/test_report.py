@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import pytest
 from report_jobs import run_killed_job, run_tiny_job
 
-from orchestrator.bench.report import REPORT_TARGET_S, time_report, write_synthetic_job
+from orchestrator.bench.report import REPORT_TARGET_S, bench_report, write_synthetic_job
 from orchestrator.errors import CvmlabError
 from orchestrator.report import cli
 from orchestrator.report.compare import Outcome, compare, compare_paths
@@ -320,7 +320,9 @@ def test_timeline_reader_tolerates_unknown_records_and_cut_lines(tmp_path: Path)
         '{"t": 5.0, "source": "host", "ki'
     )
     data = read_timeline(path)
-    assert data.series == {"Shmem": [(1.0, 100), (4.0, 90)]}
+    assert {name: s.points() for name, s in data.series.items()} == {
+        "Shmem": [(1.0, 100), (4.0, 90)]
+    }
     # An unknown record is counted and marked: a new recorder shows up unasked.
     assert [m.label for m in data.markers] == ["gpu quantum", "punch"]
     assert data.counts[("gpu", "quantum")] == 1
@@ -484,14 +486,18 @@ def test_synthetic_job_reads_back_as_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: the figure is wall-clock on a machine other tenants share, so a quiet
+    # moment may meet it while the report is not yet fast enough everywhere.
+    strict=False,
     reason="known miss: over 1,000 results shaped like real ones (about 1,200 timeline lines "
-    "and 17 verdicts each) the report took 14.4 s CPU / 82 s wall on the shared 2-core "
-    "machine (the toy results it was tuned on had 74 lines and 2 verdicts); budget 2 s",
+    "and 17 verdicts each) `cvmlab bench report` measured 8.6 s wall / 5.3 s CPU (median of "
+    "3, load average 6.5 on the shared 2-core machine; the report before reading samples by "
+    "shape and drawing long series from lows and highs: 19-25 s wall / 9.3-9.6 s CPU on the "
+    "same results, alternated); budget 2 s wall",
 )
-def test_report_over_1000_results_takes_under_two_seconds_of_cpu() -> None:
-    # CPU time beside the wall figure `cvmlab bench report` judges: on a shared machine
-    # other tenants stretch the wall clock; the report's own work is what is tested.
-    timing = time_report(1000)
-    assert timing.summary.startswith("1000 results")
-    assert timing.cpu_s < REPORT_TARGET_S, timing
+def test_report_bench_over_1000_results_meets_its_two_second_budget() -> None:
+    # Speed targets are checked by the bench, as `cvmlab bench report` prints them:
+    # wall-clock against the budget, CPU time beside it.
+    budget = bench_report(1, "qemu-system-x86_64", lambda line: None)
+    assert budget.budget_s == REPORT_TARGET_S
+    assert budget.met, budget.report()
