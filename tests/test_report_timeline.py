@@ -87,10 +87,12 @@ numbers = st.one_of(
 def timelines(draw: st.DrawFn) -> list[str]:
     lines = []
     for i in range(draw(st.integers(0, 60))):
-        kind = draw(st.sampled_from(["clean", "clean", "clean", "memdev", "odd", "marker"]))
+        kind = draw(st.sampled_from(["clean", "clean", "clean", "more", "memdev", "odd", "marker"]))
         t = draw(st.one_of(st.just(float(i)), numbers))
         if kind == "clean":
             lines.append(sample(t, Shmem=draw(numbers), Cached=draw(numbers)))
+        elif kind == "more":  # the clean shape's text and one more counter
+            lines.append(sample(t, Shmem=draw(numbers), Cached=draw(numbers), Dirty=1))
         elif kind == "memdev":
             record = {"t": t, "source": "host", "kind": "sample", "memdev": "ram0"}
             record["counters"] = {"ram0.held": draw(numbers), "Shmem": draw(numbers)}
@@ -151,6 +153,26 @@ def test_two_memdevs_are_two_shapes_read_alongside(tmp_path: Path) -> None:
     data = TimelineData()
     assert timeline_data._read_samples(lines, data) == []
     assert sorted(data.series) == ["Shmem", "ram0.held", "ram1.held"]
+    assert reading(read_timeline(path)) == reading(read_timeline(path, by_shape=False))
+
+
+def test_samples_that_gain_a_counter_are_a_shape_of_their_own(tmp_path: Path) -> None:
+    """As a real balloon test writes them (scenarios/balloon.py, memfd-private): the backing's
+    counters, and now and then the host's Shmem after them. Every sample is read by shape."""
+    lines = []
+    for i in range(60):
+        counters: dict[str, object] = {"ram0.held": 199980 + i, "ram0.rss": 100660 - i}
+        if i % 20 == 0:
+            counters["Shmem"] = 524288 - i
+        record = {"t": round(4340.333994 + i * 0.57, 6), "source": "host", "kind": "sample"}
+        lines.append(
+            compact({**record, "memdev": "ram0", "backend": "memfd", "counters": counters})
+        )
+    path = tmp_path / "timeline.jsonl"
+    path.write_text("\n".join(lines))
+    data = TimelineData()
+    assert timeline_data._read_samples(lines, data) == []
+    assert data.counts[("host", "sample")] == 60 and len(data.series["Shmem"].times) == 3
     assert reading(read_timeline(path)) == reading(read_timeline(path, by_shape=False))
 
 

@@ -206,14 +206,8 @@ class _Shape:
         """Text every line of this shape holds: source, kind, other fields, the first name."""
         return self.pieces[1].decode("ascii")
 
-    def read(self, lines: list[str]) -> tuple[list[float], list[list[Any]]] | None:
-        """(times, one value list per counter) of `lines`; None unless all have this shape.
-
-        Each piece becomes its own marker byte; what is left between the markers
-        must be number bytes only, in the same order on every line (so each
-        line is exactly this shape's text with numbers in it), and the numbers
-        are decoded by the JSON decoder as one list (so each is a JSON number).
-        """
+    def _marked(self, lines: list[str]) -> bytes | None:
+        """`lines` joined, each piece replaced by its marker byte; None unless plain ASCII text."""
         joined = "\n".join(lines)
         if not joined.isascii():
             return None
@@ -224,6 +218,28 @@ class _Shape:
         # Longest first: a short piece may also occur inside a longer one.
         for i in sorted(range(len(marks)), key=lambda i: -len(self.pieces[i])):
             data = data.replace(self.pieces[i], marks[i])
+        return data
+
+    def fits(self, lines: list[str]) -> list[bool] | None:
+        """Which of `lines` have this shape's text around their numbers (None: cannot tell)."""
+        data = self._marked(lines)
+        if data is None:
+            return None
+        skeleton = b"".join(_MARKS[: len(self.pieces)])
+        return [line == skeleton for line in data.translate(None, _NUMBER_BYTES).split(b"\n")]
+
+    def read(self, lines: list[str]) -> tuple[list[float], list[list[Any]]] | None:
+        """(times, one value list per counter) of `lines`; None unless all have this shape.
+
+        Each piece becomes its own marker byte; what is left between the markers
+        must be number bytes only, in the same order on every line (so each
+        line is exactly this shape's text with numbers in it), and the numbers
+        are decoded by the JSON decoder as one list (so each is a JSON number).
+        """
+        data = self._marked(lines)
+        if data is None:
+            return None
+        marks = _MARKS[: len(self.pieces)]
         if data.translate(None, _NUMBER_BYTES) != b"\n".join([b"".join(marks)] * len(lines)):
             return None
         # Inner markers and line ends separate numbers; the first and last go.
@@ -260,6 +276,14 @@ def _read_samples(lines: list[str], data: TimelineData) -> list[str]:
         else:
             remaining = [line for line in remaining if key not in line]
         read = shape.read(group)
+        if read is None:
+            # Other shapes hold this one's key too (a sample with one more counter, as a
+            # backing sample gains the host's): keep the lines that fit, leave the others.
+            fits = shape.fits(group)
+            if fits is not None and fits[0] and not all(fits):
+                remaining = list(compress(group, map(operator.not_, fits))) + remaining
+                group = list(compress(group, fits))
+                read = shape.read(group)
         if read is None:
             leftover += group
             continue
