@@ -200,7 +200,7 @@ def test_a_long_series_is_drawn_from_lows_and_highs_and_the_plot_says_so(
     assert max(ys) > 270
     # The step keeps its direction: the line ends low, after having been high.
     assert ys[-1] > ys[0]
-    assert "drawn: low/high of every 9 samples" in svg
+    assert "drawn: low/high per 9 samples" in svg
     assert "1000 samples, drawn as the low and high of every 9" in svg
 
 

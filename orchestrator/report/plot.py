@@ -241,7 +241,7 @@ def render_plot(data: TimelineData, width: int = 960, height: int = 340) -> str:
     hidden = len(data.series) - len(names)
     notes = []
     if run > 1:
-        notes.append(f"drawn: low/high of every {run} samples")
+        notes.append(f"drawn: low/high per {run} samples")
     if hidden > 0:
         notes.append(f"{hidden} steadier counter(s) not drawn")
     if len(data.markers) > MAX_MARKERS:
