@@ -145,12 +145,20 @@ def get_profile(name: str, path: Path = PROFILES_FILE) -> Profile:
     return profiles[name]
 
 
+# Inside the lab, tests and their guests run several times slower (Python under TCG,
+# guests nested under TCG's SVM): avocado's timeouts and the scenarios' own waits scale.
+LAB_TIMEOUT_FACTOR = 5
+
+
 def avocado_argv(
-    profile: Profile, job: Job, *, avocado: str, results: str, parallel: int, tier: str | None
-) -> list[str]:
+    profile: Profile, job: Job, *, avocado: str, results: str, parallel: int, tier: str | None,
+    inside_lab: bool = False,
+) -> list[str]:  # fmt: skip
     """The exact avocado command for one job (references before -m: -m takes several files)."""
     argv = [avocado, "run", *job.files, "--job-results-dir", results]
     argv += ["--max-parallel-tasks", str(parallel)]
+    if inside_lab:
+        argv += ["-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"]
     tag_filter = profile.tag_filter(tier)
     if tag_filter:
         argv.append(f"--filter-by-tags={tag_filter}")
@@ -214,8 +222,9 @@ def run_profile(
         jobs = profile.jobs if profile.host_jobs else ()
     for job in jobs:
         argv = avocado_argv(
-            profile, job, avocado=avocado, results=results, parallel=parallel, tier=tier
-        )
+            profile, job, avocado=avocado, results=results, parallel=parallel, tier=tier,
+            inside_lab=inside_lab,
+        )  # fmt: skip
         if not _has_tests(avocado, job, profile.tag_filter(tier)):
             runs.append(JobRun(job, tuple(argv), None, None, "no matching test"))
             continue

@@ -76,6 +76,8 @@ from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline, now
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+# Seconds for the guest's sshd to answer once the readiness marker is seen.
+SSH_UP_TIMEOUT_S = 60.0
 # Parameters avocado itself reads from every test.
 AVOCADO_KEYS = frozenset({"timeout", "timeout_factor"})
 
@@ -353,9 +355,20 @@ class MachineScenario(Scenario):
         # H9's baseline: the runner's fds and children, quiet host counters, before QEMU.
         self.teardown_watch = TeardownWatch(extra_markers=(str(self.evidence_dir),))
         self.start_guest()
-        self.guest = self.machine.ssh(self.image.ssh_user, self.image.ssh_key, self.image.host_key)
+        self.guest = self.machine.ssh(
+            self.image.ssh_user, self.image.ssh_key, self.image.host_key,
+            timeout=SSH_UP_TIMEOUT_S * self.timeout_factor(),
+        )  # fmt: skip
         finish_start(self.machine, self.guest, self.start)
         self.record_start()
+
+    def timeout_factor(self) -> float:
+        """avocado's `timeout_factor` (the lab passes one: a nested guest boots under TCG's
+        emulated SVM, several times slower), applied to our own waits as to the test's."""
+        try:
+            return max(1.0, float(self.params.get("timeout_factor", default=1.0)))
+        except (TypeError, ValueError):
+            return 1.0
 
     def start_guest(self) -> None:
         """Boot the guest cold, or restore a snapshot of the same machine (warm start,
@@ -378,7 +391,7 @@ class MachineScenario(Scenario):
             ready_marker=self.image.ready_marker,
             timeline=self.timeline,
             cold_reason=self.cold_boot,
-            boot_timeout=self.boot_timeout,
+            boot_timeout=self.boot_timeout * self.timeout_factor(),
             machine_factory=lambda *a, **k: adopt(Machine(*a, **k)),
         )
 
