@@ -9,14 +9,25 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import CvmlabError
-from orchestrator.profiles import REPO, Job, Profile, avocado_argv, get_profile, load_profiles
+from orchestrator.profiles import (
+    LAB_TIMEOUT_FACTOR,
+    REPO,
+    Job,
+    Profile,
+    ProfileError,
+    avocado_argv,
+    get_profile,
+    lab_argv,
+    load_profiles,
+    merge_plain_jobs,
+)
 
 CVMLAB = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def test_the_repository_profiles_load_and_name_existing_files() -> None:
     profiles = load_profiles()
-    assert list(profiles) == ["smoke", "full", "qualification", "stress"]
+    assert list(profiles) == ["smoke", "full", "kernels", "qualification", "stress"]
     for profile in profiles.values():
         for job in profile.jobs:
             assert (REPO / job.file).is_file()
@@ -90,3 +101,35 @@ def test_dry_run_prints_one_avocado_command_per_job_with_matching_tests() -> Non
         "scenarios/boot.py" in c and "-m scenarios/variants/backends.yaml" in c for c in commands
     )
     assert all("--filter-by-tags=smoke" in c for c in commands)
+
+
+def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> None:
+    profiles = load_profiles()
+    kernels = profiles["kernels"]
+    assert kernels.lab_kernels == ("6.12", "7.2", "7.3") and not kernels.host_jobs
+    argv = lab_argv(kernels, "7.3", cvmlab="cvmlab", results="results", parallel=2, tier=None)
+    assert argv[:3] == ["cvmlab", "lab", "--kernel"] and "--hugepages" in argv
+    inner = argv[argv.index("--") + 1 :]
+    assert inner[:5] == ["cvmlab", "profile", "run", "kernels", "--inside-lab"]
+    assert profiles["full"].lab_kernels == ("7.3",) and profiles["full"].host_jobs
+
+
+def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_factor() -> None:
+    jobs = (Job("a.py"), Job("b.py", "v.yaml"), Job("c.py"))
+    merged = merge_plain_jobs(jobs)
+    assert merged == (Job("a.py", None, ("c.py",)), Job("b.py", "v.yaml"))
+    profile = load_profiles()["full"]
+    argv = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
+                        tier=None, inside_lab=True)  # fmt: skip
+    assert argv[2:4] == ["a.py", "c.py"]
+    assert argv[argv.index("-p") + 1] == f"timeout_factor={LAB_TIMEOUT_FACTOR}"
+
+
+def test_a_lab_section_needs_kernels_and_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "jobs: [{file: a.py}]\nprofiles:\n  p:\n    lab: {kernels: ['7.3']}\n"
+    )
+    (tmp_path / "a.py").write_text("")
+    with pytest.raises(ProfileError, match="a lab needs both kernels and jobs"):
+        load_profiles(path, root=tmp_path)
