@@ -106,7 +106,8 @@ def test_dry_run_prints_one_avocado_command_per_job_with_matching_tests() -> Non
 def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> None:
     profiles = load_profiles()
     kernels = profiles["kernels"]
-    assert kernels.lab_kernels == ("6.12", "7.2", "7.3") and not kernels.host_jobs
+    assert kernels.lab_kernels == ("6.12", "7.2", "7.3", "sw-protected")
+    assert not kernels.host_jobs
     argv = lab_argv(kernels, "7.3", cvmlab="cvmlab", results="results", parallel=2, tier=None)
     assert argv[:3] == ["cvmlab", "lab", "--kernel"] and "--hugepages" in argv
     inner = argv[argv.index("--") + 1 :]

@@ -4,6 +4,7 @@
     cvmlab lab --vmlinuz ~/linux/arch/x86/boot/bzImage \
         --modules-dir /tmp/mods/lib/modules/7.4.0 -- CMD
     cvmlab lab kernel build [--tree DIR]     (a kernel with CONFIG_KVM_SW_PROTECTED_VM)
+    cvmlab lab selftests build --series 7.3  (the kernel's own KVM selftests, from its source)
 
 The command's exit status is ours; its stdout and stderr are streamed to ours. The lab's
 own evidence (console, the kernel's dmesg, what was measured inside, the QEMU command)
@@ -163,9 +164,17 @@ def _kernel_command(args: argparse.Namespace) -> int:
     return kernel_build_main(list(args.command[1:]))
 
 
+def _selftests_command(args: argparse.Namespace) -> int:
+    from orchestrator.lab.selftests import selftests_main
+
+    return selftests_main(list(args.command[1:]))
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command[:1] == ["kernel"]:
         return _kernel_command(args)
+    if args.command[:1] == ["selftests"]:
+        return _selftests_command(args)
     return run_command(args)
 
 
@@ -204,5 +213,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--qemu", default=DEFAULT_BINARY, help="the outer QEMU")
     parser.add_argument("--refresh", action="store_true", help="re-read the Debian archive")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS, or: kernel build")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER,
+        help="-- CMD ARGS, or: kernel build | selftests build|show",
+    )  # fmt: skip
     parser.set_defaults(handler=_dispatch)
