@@ -180,6 +180,21 @@ class GmemUapi(Scenario):
                 f"(guest_memfd mmap support arrived in Linux 6.18; kernel {KERNEL})"
             )
 
+    def require_default_vm_binding(self) -> None:
+        """CANCEL unless a default VM takes guest_memfd memslots (KVM_MEM_GUEST_MEMFD).
+
+        Before 6.18 only VM types with private memory may bind a guest_memfd
+        (virt/kvm/kvm_main.c: check_memory_region_flags allows KVM_MEM_GUEST_MEMFD only
+        when kvm_arch_has_private_mem(), and KVM_CAP_GUEST_MEMFD on such a VM fd is 0);
+        6.12 gives EINVAL. From 6.18 a default VM binds one (its flags then include MMAP).
+        """
+        if self.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD) == 0 and not self.facts.gmem_flags:
+            self.cancel(
+                f"a default VM of kernel {KERNEL} cannot bind a guest_memfd memslot "
+                "(KVM_CAP_GUEST_MEMFD on its VM fd is 0, no guest_memfd flags): binding "
+                "needs a VM type with private memory before Linux 6.18"
+            )
+
     def _create_and_close(self, size: int, flags: int) -> None:
         self.vm.create_guest_memfd(size, flags).close()
 
@@ -520,6 +535,7 @@ class GmemUapi(Scenario):
 
         :avocado: tags=H4
         """
+        self.require_default_vm_binding()
         gmem = self.gmem(SMALL)
         self.bind(1, gmem, gpa=0, size=2 * MiB, offset=0)
         self.expect_errno(
@@ -548,6 +564,7 @@ class GmemUapi(Scenario):
 
         :avocado: tags=H4
         """
+        self.require_default_vm_binding()
         gmem = self.gmem(SMALL)
         self.expect_success(
             "H4", "binding [0, 2 MiB)", lambda: self.bind(1, gmem, gpa=0, size=2 * MiB, offset=0)
@@ -731,6 +748,7 @@ class GmemUapi(Scenario):
 
         :avocado: tags=H5
         """
+        self.require_default_vm_binding()
         vm = self.own(self.kvm.create_vm())
         gmem = self.gmem(ALLOC, vm=vm)
         self.bind(1, gmem, gpa=0, size=2 * MiB, offset=0, vm=vm)
