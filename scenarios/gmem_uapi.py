@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -65,6 +66,18 @@ RACE_PUNCHES = 300
 RACE_FAULTERS = 3
 
 _Resource = TypeVar("_Resource", bound=AbstractContextManager[Any])
+
+
+def overlapping_binding_errno(release: str) -> int:
+    """The errno kvm_gmem_bind() gives a binding over an already bound file range.
+
+    virt/kvm/guest_memfd.c, kvm_gmem_bind(): EINVAL through 6.18 (6.12 source; measured
+    on a 6.18 host), EEXIST from 7.2 (7.2 and 7.3 sources; measured in the lab on 7.3).
+    7.0 and 7.1 were not checked: they are expected as 7.2.
+    """
+    match = re.match(r"(\d+)\.(\d+)", release)
+    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return errno.EEXIST if version >= (7, 0) else errno.EINVAL
 
 
 def _errno_of(call: Callable[[], object]) -> tuple[int, str]:
@@ -528,7 +541,7 @@ class GmemUapi(Scenario):
         self.finish()
 
     def test_bind_overlapping_range_is_refused(self) -> None:
-        """H4: a second memslot on an already bound guest_memfd range fails with EINVAL.
+        """H4: a second memslot on a bound guest_memfd range fails (EINVAL; EEXIST from 7.x).
 
         The two slots have disjoint guest physical ranges, so only the
         overlap inside the file can be the reason.
@@ -539,7 +552,7 @@ class GmemUapi(Scenario):
         gmem = self.gmem(SMALL)
         self.bind(1, gmem, gpa=0, size=2 * MiB, offset=0)
         self.expect_errno(
-            errno.EINVAL,
+            overlapping_binding_errno(KERNEL),
             "binding file range [1 MiB, 3 MiB) over a binding of [0, 2 MiB)",
             lambda: self.bind(2, gmem, gpa=0x10000000, size=2 * MiB, offset=MiB),
         )
