@@ -157,7 +157,8 @@ def avocado_argv(
     """The exact avocado command for one job (references before -m: -m takes several files)."""
     argv = [avocado, "run", *job.files, "--job-results-dir", results]
     argv += ["--max-parallel-tasks", str(parallel)]
-    if inside_lab:
+    if inside_lab and not job.variants:
+        # avocado refuses -p beside a varianter (-m): the lab's variants files carry it.
         argv += ["-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"]
     tag_filter = profile.tag_filter(tier)
     if tag_filter:

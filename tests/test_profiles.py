@@ -124,6 +124,13 @@ def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_facto
                         tier=None, inside_lab=True)  # fmt: skip
     assert argv[2:4] == ["a.py", "c.py"]
     assert argv[argv.index("-p") + 1] == f"timeout_factor={LAB_TIMEOUT_FACTOR}"
+    # avocado refuses -p with -m: a job with variants gets the factor from its file.
+    with_variants = avocado_argv(profile, merged[1], avocado="avocado", results="r",
+                                 parallel=2, tier=None, inside_lab=True)  # fmt: skip
+    assert "-p" not in with_variants
+    for job in profile.lab_jobs:
+        if job.variants:
+            assert "timeout_factor:" in (REPO / job.variants).read_text(), job.variants
 
 
 def test_a_lab_section_needs_kernels_and_jobs(tmp_path: Path) -> None:
