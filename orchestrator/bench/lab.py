@@ -73,7 +73,7 @@ def raw_cycle(kernel: LabKernel, qemu: str) -> float:
     with tempfile.TemporaryDirectory(prefix="cvmlab-bench-lab-") as scratch:
         initrd = _raw_initrd(Path(scratch))
         # The same machine as the lab's, minus its 9p shares (the raw boot mounts nothing).
-        argv = [a for a in lab_argv(_config(kernel, ("true",), qemu), initrd, Path(scratch))]
+        argv = lab_argv(_config(kernel, ("true",), qemu), initrd, Path(scratch))
         argv = argv[: argv.index("-fsdev")]
         start = time.monotonic()
         proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
