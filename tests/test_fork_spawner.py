@@ -1,0 +1,100 @@
+"""The lab's avocado spawner (orchestrator/lab/fork_spawner.py), run by real avocado jobs.
+
+Each test forks from a server that imported avocado and cvmlab once; statuses,
+timeouts and reaping must be exactly what avocado's process spawner gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.lab.fork_spawner import POLL_INTERVAL, PRELOAD
+from orchestrator.profiles import LAB_SPAWNER
+
+AVOCADO = str(Path(sys.executable).with_name("avocado"))
+
+SCENARIO = '''
+import os, sys, time
+from avocado import Test
+
+class Forked(Test):
+    def test_sees_the_preloaded_scenario_layer(self):
+        # Imported by the server before the fork: not by this test.
+        self.assertIn("orchestrator.kvm_scenario", sys.modules)
+        import multiprocessing
+        self.assertEqual(multiprocessing.get_start_method(), "fork")
+        with open(os.path.join(self.outputdir, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def test_fails(self):
+        self.fail("an invariant broke")
+
+    def test_cancels(self):
+        self.cancel("a capability is missing")
+
+
+class Slow(Test):
+    timeout = 3
+
+    def test_runs_past_its_timeout(self):
+        with open(os.path.join(self.outputdir, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+'''
+
+
+def _run_job(tmp_path: Path, spawner: str) -> dict[str, str]:
+    scenario = tmp_path / "forked.py"
+    scenario.write_text(SCENARIO)
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [AVOCADO, "run", str(scenario), "--spawner", spawner, "--job-results-dir",
+         str(results), "--max-parallel-tasks", "2", "--disable-sysinfo"],
+        capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "CVMLAB_TEST_MARK": str(tmp_path)},
+    )  # fmt: skip
+    # avocado's exit bits: 1 a test failed, 8 a test was interrupted; 2 or 4 the job broke.
+    assert done.returncode & ~(1 | 8) == 0, done.stdout + done.stderr
+    (job,) = results.glob("job-*")
+    report = json.loads((job / "results.json").read_text())
+    return {test["name"].rsplit(".", 1)[-1]: test["status"] for test in report["tests"]}
+
+
+@pytest.mark.parametrize("spawner", [LAB_SPAWNER, "process"])
+def test_statuses_match_the_process_spawner(tmp_path: Path, spawner: str) -> None:
+    statuses = _run_job(tmp_path, spawner)
+    assert statuses["test_fails"] == "FAIL"
+    assert statuses["test_cancels"] == "CANCEL"
+    assert statuses["test_runs_past_its_timeout"] == "INTERRUPTED"
+    if spawner == LAB_SPAWNER:
+        assert statuses["test_sees_the_preloaded_scenario_layer"] == "PASS"
+
+
+def test_timed_out_test_is_reaped_and_no_server_outlives_the_job(tmp_path: Path) -> None:
+    _run_job(tmp_path, LAB_SPAWNER)
+    (pid_file,) = tmp_path.glob("results/job-*/test-results/*past_its_timeout*/data/pid")
+    pid = int(pid_file.read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    # Every process the job started inherited the mark: none may outlive the job.
+    mark = f"CVMLAB_TEST_MARK={tmp_path}".encode()
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ")[:120])
+        except OSError:
+            continue
+    assert not left, f"processes outlived their avocado job: {left}"
+
+
+def test_preload_names_the_spawner_itself_and_polls_slower_than_avocado() -> None:
+    # The server unpickles run_runner from this module; avocado polls every 0.01 s.
+    assert "orchestrator.lab.fork_spawner" in PRELOAD
+    assert POLL_INTERVAL > 0.01
+    assert os.path.exists(AVOCADO)
