@@ -20,7 +20,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,10 @@ class Job:
     variants: str | None = None
     more_files: tuple[str, ...] = ()  # merged jobs without variants (one Python start each
     # test costs seconds under TCG in the lab; one avocado job instead of several saves more)
+    kernels: tuple[str, ...] = ()  # lab jobs: the lab kernels that run it (empty: every one)
+
+    def runs_on(self, kernel: str | None) -> bool:
+        return not self.kernels or kernel in self.kernels
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -117,7 +121,17 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
         for item in lab.get("jobs") or []:
             if not isinstance(item, dict) or "file" not in item:
                 raise _fail(f"profile {name!r}: lab job {item!r} needs a 'file'")
-            lab_jobs.append(Job(str(item["file"]), item.get("variants")))
+            only_on = item.get("kernels") or []
+            if not isinstance(only_on, list) or set(map(str, only_on)) - set(
+                map(str, lab.get("kernels") or [])
+            ):
+                raise _fail(
+                    f"profile {name!r}: lab job {item['file']} names kernels {only_on!r}: "
+                    "each must be one of the lab's kernels"
+                )
+            lab_jobs.append(
+                Job(str(item["file"]), item.get("variants"), kernels=tuple(map(str, only_on)))
+            )
         if bool(lab_jobs) != bool(lab.get("kernels")):
             raise _fail(f"profile {name!r}: a lab needs both kernels and jobs")
         profiles[name] = Profile(
@@ -149,6 +163,10 @@ def get_profile(name: str, path: Path = PROFILES_FILE) -> Profile:
 # guests nested under TCG's SVM): avocado's timeouts and the scenarios' own waits scale.
 LAB_TIMEOUT_FACTOR = 5
 
+# Inside the lab, each test forks from a server that imported avocado and cvmlab once
+# (orchestrator/lab/fork_spawner.py), instead of a new interpreter per test.
+LAB_SPAWNER = "cvmlab-fork"
+
 
 def avocado_argv(
     profile: Profile, job: Job, *, avocado: str, results: str, parallel: int, tier: str | None,
@@ -157,6 +175,8 @@ def avocado_argv(
     """The exact avocado command for one job (references before -m: -m takes several files)."""
     argv = [avocado, "run", *job.files, "--job-results-dir", results]
     argv += ["--max-parallel-tasks", str(parallel)]
+    if inside_lab:
+        argv += ["--spawner", LAB_SPAWNER]
     if inside_lab and not job.variants:
         # avocado refuses -p beside a varianter (-m): the lab's variants files carry it.
         argv += ["-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"]
@@ -168,12 +188,22 @@ def avocado_argv(
     return argv
 
 
-def _has_tests(avocado: str, job: Job, tag_filter: str | None) -> bool:
-    argv = [avocado, "list", *job.files]
+def files_with_tests(avocado: str, files: Sequence[str], tag_filter: str | None) -> set[str]:
+    """The scenario files among `files` that have a test passing `tag_filter`.
+
+    One `avocado list` for all of them: inside the lab each avocado start costs
+    seconds of Python under TCG.
+    """
+    argv = [avocado, "list", *dict.fromkeys(files)]
     if tag_filter:
         argv.append(f"--filter-by-tags={tag_filter}")
     listed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
-    return bool(listed.stdout.strip())
+    found = set()
+    for line in listed.stdout.splitlines():
+        # "<kind> <file>:<Class>.<test>", e.g. "avocado-instrumented scenarios/boot.py:Boot.test_x"
+        reference = line.split(maxsplit=1)[-1] if line.strip() else ""
+        found.add(reference.split(":", 1)[0])
+    return {file for file in files if file in found}
 
 
 def _streamed(argv: list[str]) -> tuple[int, str]:
@@ -191,7 +221,8 @@ def _streamed(argv: list[str]) -> tuple[int, str]:
 def lab_argv(profile: Profile, kernel: str, *, cvmlab: str, results: str, parallel: int,
              tier: str | None) -> list[str]:  # fmt: skip
     """The command that boots `kernel` and runs the profile's lab jobs inside it."""
-    inner = [cvmlab, "profile", "run", profile.name, "--inside-lab", "--results", results]
+    inner = [cvmlab, "profile", "run", profile.name, "--inside-lab", "--lab-kernel", kernel]
+    inner += ["--results", results]
     inner += ["--parallel", str(parallel), *(["--tier", tier] if tier else [])]
     lab = [cvmlab, "lab", "--kernel", kernel, "--results", results]
     if profile.lab_hugepages:
@@ -210,23 +241,28 @@ def run_profile(
     say: Callable[[str], None] = print,
     inside_lab: bool = False,
     with_lab: bool = True,
+    lab_kernel: str | None = None,
 ) -> list[JobRun]:
     """Run every job of `profile` that has matching tests; avocado's output streams through.
 
-    `inside_lab`: run the lab jobs here (we are the command inside `cvmlab lab`).
+    `inside_lab`: run the lab jobs here (we are the command inside `cvmlab lab`), those
+    for `lab_kernel` (the `--kernel` the lab booted) when it is given.
     `with_lab`: after the host jobs, boot each lab kernel and run the lab jobs there.
     """
     runs: list[JobRun] = []
     if inside_lab:
-        jobs = merge_plain_jobs(profile.lab_jobs)
+        jobs = merge_plain_jobs(tuple(j for j in profile.lab_jobs if j.runs_on(lab_kernel)))
     else:
         jobs = profile.jobs if profile.host_jobs else ()
+    listed = files_with_tests(
+        avocado, [file for job in jobs for file in job.files], profile.tag_filter(tier)
+    )
     for job in jobs:
         argv = avocado_argv(
             profile, job, avocado=avocado, results=results, parallel=parallel, tier=tier,
             inside_lab=inside_lab,
         )  # fmt: skip
-        if not _has_tests(avocado, job, profile.tag_filter(tier)):
+        if not any(file in listed for file in job.files):
             runs.append(JobRun(job, tuple(argv), None, None, "no matching test"))
             continue
         say("== " + " ".join(argv))
@@ -280,6 +316,7 @@ def _run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         inside_lab=args.inside_lab,
         with_lab=not args.no_lab,
+        lab_kernel=args.lab_kernel,
     )
     print()
     print(summary(runs))
@@ -317,4 +354,5 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument(
         "--inside-lab", action="store_true", help=argparse.SUPPRESS
     )  # what `cvmlab lab` runs inside: the profile's lab jobs
+    run.add_argument("--lab-kernel", help=argparse.SUPPRESS)  # the kernel the lab booted
     run.set_defaults(handler=_run)

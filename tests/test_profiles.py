@@ -10,12 +10,14 @@ import pytest
 
 from orchestrator.errors import CvmlabError
 from orchestrator.profiles import (
+    LAB_SPAWNER,
     LAB_TIMEOUT_FACTOR,
     REPO,
     Job,
     Profile,
     ProfileError,
     avocado_argv,
+    files_with_tests,
     get_profile,
     lab_argv,
     load_profiles,
@@ -112,7 +114,7 @@ def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> 
     assert argv[:3] == ["cvmlab", "lab", "--kernel"] and "--hugepages" in argv
     inner = argv[argv.index("--") + 1 :]
     assert inner[:5] == ["cvmlab", "profile", "run", "kernels", "--inside-lab"]
-    assert profiles["full"].lab_kernels == ("7.3",) and profiles["full"].host_jobs
+    assert profiles["full"].lab_kernels == ("7.3", "sw-protected") and profiles["full"].host_jobs
 
 
 def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_factor() -> None:
@@ -124,10 +126,14 @@ def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_facto
                         tier=None, inside_lab=True)  # fmt: skip
     assert argv[2:4] == ["a.py", "c.py"]
     assert argv[argv.index("-p") + 1] == f"timeout_factor={LAB_TIMEOUT_FACTOR}"
+    assert argv[argv.index("--spawner") + 1] == LAB_SPAWNER
     # avocado refuses -p with -m: a job with variants gets the factor from its file.
     with_variants = avocado_argv(profile, merged[1], avocado="avocado", results="r",
                                  parallel=2, tier=None, inside_lab=True)  # fmt: skip
-    assert "-p" not in with_variants
+    assert "-p" not in with_variants and LAB_SPAWNER in with_variants
+    on_host = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
+                           tier=None)  # fmt: skip
+    assert "--spawner" not in on_host
     for job in profile.lab_jobs:
         if job.variants:
             assert "timeout_factor:" in (REPO / job.variants).read_text(), job.variants
@@ -140,4 +146,31 @@ def test_a_lab_section_needs_kernels_and_jobs(tmp_path: Path) -> None:
     )
     (tmp_path / "a.py").write_text("")
     with pytest.raises(ProfileError, match="a lab needs both kernels and jobs"):
+        load_profiles(path, root=tmp_path)
+
+
+def test_one_avocado_list_finds_the_files_that_have_matching_tests() -> None:
+    files = ["scenarios/boot.py", "scenarios/gmem_uapi.py", "scenarios/coco_boot.py"]
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    smoke = files_with_tests(avocado, files, load_profiles()["smoke"].tag_filter())
+    everything = files_with_tests(avocado, files, None)
+    assert everything == set(files)
+    # An independent count: the files whose source carries the smoke tag.
+    tagged = {file for file in files if "smoke" in (REPO / file).read_text()}
+    assert smoke == tagged
+
+
+def test_a_lab_job_runs_only_on_the_kernels_it_names(tmp_path: Path) -> None:
+    full = load_profiles()["full"]
+    private = next(job for job in full.lab_jobs if job.file.endswith("gmem_private.py"))
+    assert private.runs_on("sw-protected") and not private.runs_on("7.3")
+    argv = lab_argv(full, "sw-protected", cvmlab="cvmlab", results="r", parallel=2, tier=None)
+    assert argv[argv.index("--lab-kernel") + 1] == "sw-protected"
+    path = tmp_path / "profiles.yaml"
+    (tmp_path / "a.py").write_text("")
+    path.write_text(
+        "jobs: [{file: a.py}]\nprofiles:\n  p:\n"
+        "    lab: {kernels: ['7.3'], jobs: [{file: a.py, kernels: ['6.12']}]}\n"
+    )
+    with pytest.raises(ProfileError, match="each must be one of the lab's kernels"):
         load_profiles(path, root=tmp_path)
