@@ -7,6 +7,7 @@ lines, a command that is not there is one error, and a killed `cvmlab lab` leave
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 from orchestrator.errors import LabError
 from orchestrator.lab.cli import parse_memory
+from orchestrator.lab.initramfs import _early_module_files
 from orchestrator.lab.kernels import LabKernel, _check_request, check_kvm_modules, local_kernel
 from orchestrator.lab.machine import (
     KERNEL_CMDLINE,
@@ -133,6 +135,28 @@ def test_a_kernel_without_kvm_or_without_kvm_amd_is_refused_before_booting(
                                   "kernel/arch/x86/kvm/kvm-amd.ko\n"))  # fmt: skip
 
 
+def test_kvm_and_its_dependencies_go_into_the_initramfs_in_load_order(tmp_path: Path) -> None:
+    kernel = modules_dir(
+        tmp_path,
+        "kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irqbypass.ko\n"
+        "kernel/arch/x86/kvm/kvm.ko: kernel/virt/lib/irqbypass.ko\n"
+        "kernel/virt/lib/irqbypass.ko:\n",
+    )
+    assert kernel.modules_dir is not None
+    for path in ("arch/x86/kvm/kvm-amd.ko", "arch/x86/kvm/kvm.ko", "virt/lib/irqbypass.ko"):
+        (kernel.modules_dir / "kernel" / path).parent.mkdir(parents=True, exist_ok=True)
+        (kernel.modules_dir / "kernel" / path).write_bytes(b"\x7fELF" + path.encode())
+    early = _early_module_files(kernel, ("kvm_amd",), set())
+    assert [name for name, _ in early] == [
+        "kernel/virt/lib/irqbypass.ko",
+        "kernel/arch/x86/kvm/kvm.ko",
+        "kernel/arch/x86/kvm/kvm-amd.ko",
+    ]
+    skipped = _early_module_files(kernel, ("kvm_amd",), {"kernel/virt/lib/irqbypass.ko"})
+    assert next(name for name, _ in skipped) == "kernel/arch/x86/kvm/kvm.ko"
+    assert _early_module_files(kernel, (), set()) == []
+
+
 def test_memory_sizes_parse_and_nonsense_is_refused() -> None:
     assert parse_memory("4G") == 4096 and parse_memory("3072M") == 3072
     with pytest.raises(LabError, match="is not a size"):
@@ -179,6 +203,9 @@ def test_the_commands_status_and_streams_come_back_apart(tmp_path: Path) -> None
     (evidence,) = (tmp_path / "r" / "lab").iterdir()
     assert "cvmlab-lab: root mounted" in (evidence / "console.log").read_text()
     assert "kvm_amd" in (evidence / "kernel-dmesg.txt").read_text()
+    # /init loaded KVM from the initramfs: the runner had nothing left to modprobe.
+    inside = json.loads((evidence / "lab.json").read_text())["inside"]
+    assert inside["modprobe"] == {"kvm_amd": "ok (initramfs)"}, inside
 
 
 @pytest.mark.lab

@@ -63,6 +63,9 @@ def _modules_base(modules_dir: str | None, report: dict[str, object]) -> str | N
 def _load_modules(names: list[str], base: str | None, report: dict[str, object]) -> None:
     loaded: dict[str, str] = {}
     for name in names:
+        if os.path.isdir(f"/sys/module/{name}"):
+            loaded[name] = "ok (initramfs)"  # /init loaded it
+            continue
         status, output = _run(["modprobe", *(["-d", base] if base else []), name])
         loaded[name] = "ok" if status == 0 else (output or f"modprobe exit {status}")
     report["modprobe"] = loaded

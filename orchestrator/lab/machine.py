@@ -238,7 +238,7 @@ def run_lab(
         raise LabError("no command to run in the lab", "put it after --: cvmlab lab -- CMD")
     if not config.cwd.is_dir():
         raise LabError(f"working directory {config.cwd} does not exist", "run from an existing one")
-    initrd = lab_initrd(config.kernel)
+    initrd = lab_initrd(config.kernel, config.load_modules)
     parent = Path(tempfile.gettempdir())
     sweep_stale_rundirs(parent)
     rundir = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=parent))
