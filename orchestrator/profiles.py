@@ -56,11 +56,16 @@ class Job:
         return (self.file, *self.more_files)
 
 
-def merge_plain_jobs(jobs: tuple[Job, ...]) -> tuple[Job, ...]:
-    """Jobs without variants in one `avocado run a.py b.py ...`; the others as they are."""
-    plain = [job.file for job in jobs if job.variants is None]
-    merged = [Job(plain[0], None, tuple(plain[1:]))] if plain else []
-    return (*merged, *(job for job in jobs if job.variants is not None))
+def merge_jobs(jobs: tuple[Job, ...]) -> tuple[Job, ...]:
+    """Jobs with the same variants (or none) in one `avocado run a.py b.py ... [-m V]`.
+
+    Each avocado start costs seconds (tens inside the lab): one job per variants file,
+    in the order of each group's first job.
+    """
+    groups: dict[str | None, list[str]] = {}
+    for job in jobs:
+        groups.setdefault(job.variants, []).extend(job.files)
+    return tuple(Job(files[0], variants, tuple(files[1:])) for variants, files in groups.items())
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Profile:
     lab_jobs: tuple[Job, ...] = ()  # run inside every lab kernel
     lab_hugepages: int = 0  # 2 MiB pages the lab reserves (its kernel is throwaway)
     host_jobs: bool = True  # False: a lab-only profile (kernel qualification)
+    merge: bool = False  # host jobs with the same variants in one avocado run (lab: always)
 
     def tag_filter(self, tier: str | None = None) -> str | None:
         """One --filter-by-tags value: every tag must hold, `-tag` must not."""
@@ -143,6 +149,7 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
             lab_jobs=tuple(lab_jobs),
             lab_hugepages=int(lab.get("hugepages", 0)),
             host_jobs=not bool(lab.get("only", False)),
+            merge=bool(spec.get("merge", False)),
         )
     for profile in profiles.values():
         for job in (*profile.jobs, *profile.lab_jobs):
@@ -219,9 +226,13 @@ def _streamed(argv: list[str]) -> tuple[int, str]:
 
 
 def lab_argv(profile: Profile, kernel: str, *, cvmlab: str, results: str, parallel: int,
-             tier: str | None) -> list[str]:  # fmt: skip
-    """The command that boots `kernel` and runs the profile's lab jobs inside it."""
+             tier: str | None, files: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+    """The command that boots `kernel` and runs the profile's lab jobs inside it.
+
+    `files`: the lab jobs' files that have matching tests, listed on the host.
+    """
     inner = [cvmlab, "profile", "run", profile.name, "--inside-lab", "--lab-kernel", kernel]
+    inner += [arg for file in files or () for arg in ("--lab-file", file)]
     inner += ["--results", results]
     inner += ["--parallel", str(parallel), *(["--tier", tier] if tier else [])]
     lab = [cvmlab, "lab", "--kernel", kernel, "--results", results]
@@ -242,29 +253,38 @@ def run_profile(
     inside_lab: bool = False,
     with_lab: bool = True,
     lab_kernel: str | None = None,
+    lab_files: Sequence[str] | None = None,
 ) -> list[JobRun]:
     """Run every job of `profile` that has matching tests; avocado's output streams through.
 
     `inside_lab`: run the lab jobs here (we are the command inside `cvmlab lab`), those
-    for `lab_kernel` (the `--kernel` the lab booted) when it is given.
+    for `lab_kernel` (the `--kernel` the lab booted) when it is given; `lab_files`: the
+    files the host found matching tests in (no `avocado list` inside, where it costs tens
+    of seconds).
     `with_lab`: after the host jobs, boot each lab kernel and run the lab jobs there.
     """
     runs: list[JobRun] = []
     if inside_lab:
-        jobs = merge_plain_jobs(tuple(j for j in profile.lab_jobs if j.runs_on(lab_kernel)))
+        jobs = tuple(j for j in profile.lab_jobs if j.runs_on(lab_kernel))
     else:
         jobs = profile.jobs if profile.host_jobs else ()
-    listed = files_with_tests(
-        avocado, [file for job in jobs for file in job.files], profile.tag_filter(tier)
-    )
+    if inside_lab and lab_files is not None:
+        listed = set(lab_files)
+    else:
+        listed = files_with_tests(
+            avocado, [file for job in jobs for file in job.files], profile.tag_filter(tier)
+        )
+    for job in jobs:
+        if job.file not in listed:
+            runs.append(JobRun(job, (), None, None, "no matching test"))
+    jobs = tuple(job for job in jobs if job.file in listed)
+    if inside_lab or profile.merge:
+        jobs = merge_jobs(jobs)
     for job in jobs:
         argv = avocado_argv(
             profile, job, avocado=avocado, results=results, parallel=parallel, tier=tier,
             inside_lab=inside_lab,
         )  # fmt: skip
-        if not any(file in listed for file in job.files):
-            runs.append(JobRun(job, tuple(argv), None, None, "no matching test"))
-            continue
         say("== " + " ".join(argv))
         if dry_run:
             runs.append(JobRun(job, tuple(argv), None, None, "dry run"))
@@ -280,11 +300,18 @@ def run_profile(
     if inside_lab or not with_lab:
         return runs
     cvmlab = str(Path(avocado).with_name("cvmlab"))
+    lab_listed = files_with_tests(
+        avocado, [file for job in profile.lab_jobs for file in job.files], profile.tag_filter(tier)
+    )
     for kernel in profile.lab_kernels:
+        files = [j.file for j in profile.lab_jobs if j.runs_on(kernel) and j.file in lab_listed]
         argv = lab_argv(profile, kernel, cvmlab=cvmlab, results=results, parallel=parallel,
-                        tier=tier)  # fmt: skip
-        say("== " + " ".join(argv))
+                        tier=tier, files=files)  # fmt: skip
         lab_job = Job(f"lab --kernel {kernel}")
+        if not files:
+            runs.append(JobRun(lab_job, tuple(argv), None, None, "no matching test"))
+            continue
+        say("== " + " ".join(argv))
         if dry_run:
             runs.append(JobRun(lab_job, tuple(argv), None, None, "dry run"))
             continue
@@ -317,6 +344,7 @@ def _run(args: argparse.Namespace) -> int:
         inside_lab=args.inside_lab,
         with_lab=not args.no_lab,
         lab_kernel=args.lab_kernel,
+        lab_files=args.lab_file,
     )
     print()
     print(summary(runs))
@@ -355,4 +383,5 @@ def add_parser(subparsers: Any) -> None:
         "--inside-lab", action="store_true", help=argparse.SUPPRESS
     )  # what `cvmlab lab` runs inside: the profile's lab jobs
     run.add_argument("--lab-kernel", help=argparse.SUPPRESS)  # the kernel the lab booted
+    run.add_argument("--lab-file", action="append", help=argparse.SUPPRESS)  # listed on the host
     run.set_defaults(handler=_run)

@@ -105,7 +105,7 @@ class GmemUapi(Scenario):
     """guest_memfd uAPI and host-side invariants on a default VM, through direct ioctls.
 
     :avocado: enable
-    :avocado: tags=smoke,gmem,host,tier:gmem
+    :avocado: tags=gmem,host,tier:gmem
     """
 
     tiers = ("gmem",)
@@ -682,7 +682,9 @@ class GmemUapi(Scenario):
     def test_gmem_allocation_moves_unevictable_and_cached(self) -> None:
         """H2/H9: allocate, punch half, close: Unevictable, Cached follow; Shmem, st_blocks don't.
 
-        :avocado: tags=H2,H9
+        The suite's smoke test: it needs no guest_memfd flag, so it runs on every kernel.
+
+        :avocado: tags=H2,H9,smoke
         """
 
         def run_once() -> tuple[list[StepDelta], dict[str, Any]]:

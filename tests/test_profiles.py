@@ -21,7 +21,7 @@ from orchestrator.profiles import (
     get_profile,
     lab_argv,
     load_profiles,
-    merge_plain_jobs,
+    merge_jobs,
 )
 
 CVMLAB = [sys.executable, "-m", "orchestrator.cli"]
@@ -92,7 +92,7 @@ def test_an_unknown_profile_names_the_known_ones() -> None:
 
 def test_dry_run_prints_one_avocado_command_per_job_with_matching_tests() -> None:
     proc = subprocess.run(
-        [*CVMLAB, "profile", "run", "smoke", "--dry-run"],
+        [*CVMLAB, "profile", "run", "full", "--dry-run", "--no-lab"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -102,24 +102,28 @@ def test_dry_run_prints_one_avocado_command_per_job_with_matching_tests() -> Non
     assert any(
         "scenarios/boot.py" in c and "-m scenarios/variants/backends.yaml" in c for c in commands
     )
-    assert all("--filter-by-tags=smoke" in c for c in commands)
+    assert all("--filter-by-tags=-negative" in c for c in commands)
+    assert len(commands) == len({c.split()[3] for c in commands})  # full does not merge
 
 
 def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> None:
     profiles = load_profiles()
     kernels = profiles["kernels"]
-    assert kernels.lab_kernels == ("6.12", "7.2", "7.3", "sw-protected")
+    assert set(kernels.lab_kernels) == {"6.12", "7.2", "7.3", "sw-protected"}
     assert not kernels.host_jobs
     argv = lab_argv(kernels, "7.3", cvmlab="cvmlab", results="results", parallel=2, tier=None)
     assert argv[:3] == ["cvmlab", "lab", "--kernel"] and "--hugepages" in argv
     inner = argv[argv.index("--") + 1 :]
     assert inner[:5] == ["cvmlab", "profile", "run", "kernels", "--inside-lab"]
+    listed = lab_argv(kernels, "7.3", cvmlab="cvmlab", results="results", parallel=2,
+                      tier=None, files=["a.py", "b.py"])  # fmt: skip
+    assert listed.count("--lab-file") == 2 and "b.py" in listed
     assert profiles["full"].lab_kernels == ("7.3", "sw-protected") and profiles["full"].host_jobs
 
 
 def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_factor() -> None:
     jobs = (Job("a.py"), Job("b.py", "v.yaml"), Job("c.py"))
-    merged = merge_plain_jobs(jobs)
+    merged = merge_jobs(jobs)
     assert merged == (Job("a.py", None, ("c.py",)), Job("b.py", "v.yaml"))
     profile = load_profiles()["full"]
     argv = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
@@ -174,3 +178,27 @@ def test_a_lab_job_runs_only_on_the_kernels_it_names(tmp_path: Path) -> None:
     )
     with pytest.raises(ProfileError, match="each must be one of the lab's kernels"):
         load_profiles(path, root=tmp_path)
+
+
+def test_jobs_with_the_same_variants_merge_in_first_seen_order() -> None:
+    jobs = (Job("a.py", "v.yaml"), Job("b.py"), Job("c.py", "v.yaml"), Job("d.py", "w.yaml"))
+    assert merge_jobs(jobs) == (
+        Job("a.py", "v.yaml", ("c.py",)), Job("b.py"), Job("d.py", "w.yaml")
+    )  # fmt: skip
+
+
+def test_smoke_runs_each_layer_once_in_few_avocado_jobs() -> None:
+    proc = subprocess.run(
+        [*CVMLAB, "profile", "run", "smoke", "--dry-run", "--no-lab"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
+    smoke = load_profiles()["smoke"]
+    assert smoke.merge
+    # One avocado run per variants file, not one per scenario file.
+    variants = [c.split(" -m ")[1] if " -m " in c else None for c in commands]
+    assert len(variants) == len(set(variants)), commands
+    files = [word for c in commands for word in c.split() if word.startswith("scenarios/")]
+    assert len([f for f in files if f.endswith(".py")]) > len(commands)
+    boot = next(c for c in commands if "scenarios/boot.py" in c)
+    assert "scenarios/host_punch.py" in boot and "-m scenarios/variants/smoke.yaml" in boot
