@@ -77,6 +77,7 @@ class Profile:
     lab_kernels: tuple[str, ...] = ()  # `cvmlab lab --kernel` values, one lab boot each
     lab_jobs: tuple[Job, ...] = ()  # run inside every lab kernel
     lab_hugepages: int = 0  # 2 MiB pages the lab reserves (its kernel is throwaway)
+    lab_numa: int = 1  # NUMA nodes of the lab machine (mbind tests need two)
     host_jobs: bool = True  # False: a lab-only profile (kernel qualification)
     merge: bool = False  # host jobs with the same variants in one avocado run (lab: always)
 
@@ -148,6 +149,7 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
             lab_kernels=tuple(str(k) for k in lab.get("kernels") or ()),
             lab_jobs=tuple(lab_jobs),
             lab_hugepages=int(lab.get("hugepages", 0)),
+            lab_numa=int(lab.get("numa", 1)),
             host_jobs=not bool(lab.get("only", False)),
             merge=bool(spec.get("merge", False)),
         )
@@ -238,6 +240,8 @@ def lab_argv(profile: Profile, kernel: str, *, cvmlab: str, results: str, parall
     lab = [cvmlab, "lab", "--kernel", kernel, "--results", results]
     if profile.lab_hugepages:
         lab += ["--hugepages", str(profile.lab_hugepages)]
+    if profile.lab_numa > 1:
+        lab += ["--numa", str(profile.lab_numa)]
     return [*lab, "--", *inner]
 
 

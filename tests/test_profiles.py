@@ -113,6 +113,7 @@ def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> 
     assert not kernels.host_jobs
     argv = lab_argv(kernels, "7.3", cvmlab="cvmlab", results="results", parallel=2, tier=None)
     assert argv[:3] == ["cvmlab", "lab", "--kernel"] and "--hugepages" in argv
+    assert argv[argv.index("--numa") + 1] == "2"
     inner = argv[argv.index("--") + 1 :]
     assert inner[:5] == ["cvmlab", "profile", "run", "kernels", "--inside-lab"]
     listed = lab_argv(kernels, "7.3", cvmlab="cvmlab", results="results", parallel=2,
