@@ -258,6 +258,7 @@ def run_profile(
     with_lab: bool = True,
     lab_kernel: str | None = None,
     lab_files: Sequence[str] | None = None,
+    only_kernels: Sequence[str] | None = None,
 ) -> list[JobRun]:
     """Run every job of `profile` that has matching tests; avocado's output streams through.
 
@@ -265,8 +266,15 @@ def run_profile(
     for `lab_kernel` (the `--kernel` the lab booted) when it is given; `lab_files`: the
     files the host found matching tests in (no `avocado list` inside, where it costs tens
     of seconds).
-    `with_lab`: after the host jobs, boot each lab kernel and run the lab jobs there.
+    `with_lab`: after the host jobs, boot each lab kernel and run the lab jobs there
+    (`only_kernels`: those of the profile's lab kernels).
     """
+    unknown = set(only_kernels or ()) - set(profile.lab_kernels)
+    if unknown:
+        raise ProfileError(
+            f"profile {profile.name!r} has no lab kernel {', '.join(sorted(unknown))}",
+            f"use one of: {', '.join(profile.lab_kernels) or '(it has no lab)'}",
+        )
     runs: list[JobRun] = []
     if inside_lab:
         jobs = tuple(j for j in profile.lab_jobs if j.runs_on(lab_kernel))
@@ -308,6 +316,8 @@ def run_profile(
         avocado, [file for job in profile.lab_jobs for file in job.files], profile.tag_filter(tier)
     )
     for kernel in profile.lab_kernels:
+        if only_kernels and kernel not in only_kernels:
+            continue
         files = [j.file for j in profile.lab_jobs if j.runs_on(kernel) and j.file in lab_listed]
         argv = lab_argv(profile, kernel, cvmlab=cvmlab, results=results, parallel=parallel,
                         tier=tier, files=files)  # fmt: skip
@@ -349,6 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         with_lab=not args.no_lab,
         lab_kernel=args.lab_kernel,
         lab_files=args.lab_file,
+        only_kernels=args.kernel,
     )
     print()
     print(summary(runs))
@@ -383,6 +394,10 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument(
         "--no-lab", action="store_true", help="host jobs only (skip the profile's lab kernels)"
     )
+    run.add_argument(
+        "--kernel", action="append", metavar="K",
+        help="only this one of the profile's lab kernels (repeatable)",
+    )  # fmt: skip
     run.add_argument(
         "--inside-lab", action="store_true", help=argparse.SUPPRESS
     )  # what `cvmlab lab` runs inside: the profile's lab jobs

@@ -203,3 +203,18 @@ def test_smoke_runs_each_layer_once_in_few_avocado_jobs() -> None:
     assert len([f for f in files if f.endswith(".py")]) > len(commands)
     boot = next(c for c in commands if "scenarios/boot.py" in c)
     assert "scenarios/host_punch.py" in boot and "-m scenarios/variants/smoke.yaml" in boot
+
+
+def test_a_run_can_pick_lab_kernels_and_an_unknown_one_is_one_error() -> None:
+    proc = subprocess.run(
+        [*CVMLAB, "profile", "run", "kernels", "--dry-run", "--kernel", "7.2"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    labs = [line for line in proc.stdout.splitlines() if line.startswith("== ") and " lab " in line]
+    assert len(labs) == 1 and "--kernel 7.2 " in labs[0], labs
+    bad = subprocess.run(
+        [*CVMLAB, "profile", "run", "kernels", "--dry-run", "--kernel", "5.10"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "no lab kernel 5.10" in bad.stderr
+    assert "Traceback" not in bad.stderr and "use one of: 7.3" in bad.stderr
