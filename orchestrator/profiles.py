@@ -174,7 +174,7 @@ LAB_TIMEOUT_FACTOR = 5
 
 # Inside the lab, each test forks from a server that imported avocado and cvmlab once
 # (orchestrator/lab/fork_spawner.py), instead of a new interpreter per test.
-LAB_SPAWNER = "cvmlab-fork"
+LAB_SPAWNER = "cvmlab-fork"  # orchestrator.lab.fork_spawner.NAME (a layer above this one)
 
 
 def avocado_argv(

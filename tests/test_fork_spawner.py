@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lab.fork_spawner import POLL_INTERVAL, PRELOAD
+from orchestrator.lab.fork_spawner import NAME, POLL_INTERVAL, PRELOAD
 from orchestrator.profiles import LAB_SPAWNER
 
 AVOCADO = str(Path(sys.executable).with_name("avocado"))
@@ -97,4 +97,5 @@ def test_preload_names_the_spawner_itself_and_polls_slower_than_avocado() -> Non
     # The server unpickles run_runner from this module; avocado polls every 0.01 s.
     assert "orchestrator.lab.fork_spawner" in PRELOAD
     assert POLL_INTERVAL > 0.01
+    assert LAB_SPAWNER == NAME  # the profiles name the spawner the plugin registers
     assert os.path.exists(AVOCADO)
