@@ -248,3 +248,28 @@ def test_proc_maps_lines_give_device_inode_and_file_offset() -> None:
     assert (maps[1].dev, maps[1].inode, maps[1].offset) == (0x1B, 50, 0x1000)
     assert maps[0].path == "/memfd:memory-backend-memfd (deleted)"
     assert maps[2].inode == 0 and maps[2].path == ""
+
+
+# `info mtree -f` of a 512 MiB hugetlb memfd guest under KVM (the 7.3 lab, QEMU 10.0.2):
+# KVM marks the regions it maps, and the first and last bytes are no 2 MiB-aligned range.
+MTREE_KVM_HUGETLB = """\
+FlatView #2
+ AS "memory", root: system
+ Root memory region: system
+  0000000000000000-00000000000c2fff (prio 0, ram): ram0 KVM
+  00000000000c3000-00000000000e3fff (prio 0, rom): ram0 @00000000000c3000 KVM
+  00000000000e4000-00000000000effff (prio 0, ram): ram0 @00000000000e4000 KVM
+  00000000000f0000-00000000000fffff (prio 0, rom): ram0 @00000000000f0000 KVM
+  0000000000100000-000000001fffffff (prio 0, ram): ram0 @0000000000100000 KVM
+  00000000b0000000-00000000bfffffff (prio 0, i/o): pcie-mmcfg-mmio
+  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios KVM
+"""
+
+
+def test_a_hugetlb_guest_under_kvm_agrees_with_its_flatview() -> None:
+    flat = parse_flatview(MTREE_KVM_HUGETLB)
+    assert [(r.gpa, r.region) for r in flat if r.kind == "ram"][-1] == (0x100000, "ram0")
+    assert flatview_problems(q35_map(512 * MiB, page_size=2 * MiB), flat) == []
+    # The bug it guards against: a map that puts the RAM at another offset.
+    shifted = build_map("ram0", 256 * MiB, 0, [memfd("ram0", 512 * MiB, 2 * MiB)])
+    assert flatview_problems(shifted, flat)
