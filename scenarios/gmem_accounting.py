@@ -134,7 +134,7 @@ class GmemAccounting(KvmScenario):
         for offset in range(0, size, PAGE_SIZE):
             mapping.read(offset, 1)  # map each page, so pagemap names its PFN
         frames = pfns(mapping.address, size // PAGE_SIZE)
-        self.check(kpageflags_unevictable(_kpageflags(frames)))
+        self.check(kpageflags_unevictable(_kpageflags(frames), cpus=os.cpu_count() or 1))
 
     def test_compaction_neither_moves_nor_loses_pages(self) -> None:
         """H6: after /proc/sys/vm/compact_memory every page has the same PFN and its data.

@@ -120,6 +120,11 @@ def test_accounting_checks_fail_on_evictable_or_uncharged_pages() -> None:
     assert gmem_host.kpageflags_unevictable([UNEVICTABLE, UNEVICTABLE]).status == "pass"
     assert gmem_host.kpageflags_unevictable([UNEVICTABLE, 1 << gmem_host.KPF_LRU]).failed
     assert gmem_host.kpageflags_unevictable([None]).failed
+    # A few pages still in the CPU's LRU batch (no flag yet) are not reclaimable: fine.
+    batched = [UNEVICTABLE] * 1007 + [0] * 17
+    assert gmem_host.kpageflags_unevictable(batched, cpus=1).status == "pass"
+    # More than the batches can hold: the pages never reached an LRU list.
+    assert gmem_host.kpageflags_unevictable([0] * 64, cpus=2).failed
     assert gmem_host.pfns_kept([1, 2], [1, 2]).status == "pass"
     assert gmem_host.pfns_kept([1, 2], [1, 3]).failed  # migrated
     assert gmem_host.pfns_kept([1, 2], [1, None]).failed  # lost
