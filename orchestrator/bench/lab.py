@@ -31,6 +31,7 @@ from orchestrator.image.cpio import CpioArchive
 from orchestrator.lab.initramfs import BUSYBOX
 from orchestrator.lab.kernels import LabKernel, debian_kernel
 from orchestrator.lab.machine import LabConfig, lab_argv, lab_environment, run_lab
+from orchestrator.profiles import LAB_SPAWNER, LAB_TIMEOUT_FACTOR
 from orchestrator.qemu.spawn import spawn
 
 LAB_RATIO_TARGET = 1.5
@@ -126,7 +127,11 @@ def bench_lab_gmem(runs: int, binary: str, progress: Callable[[str], None]) -> B
     cpu: list[float] = []
     for i in range(1, runs + 1):
         with tempfile.TemporaryDirectory(prefix="bench-lab-gmem-", dir=CHECKOUT / "results") as out:
-            argv = (avocado, "run", "scenarios/gmem_uapi.py", "--job-results-dir", out)
+            # As the profiles run it in the lab: the fork spawner, the lab's timeout factor.
+            argv = (
+                *(avocado, "run", "scenarios/gmem_uapi.py", "--job-results-dir", out),
+                *("--spawner", LAB_SPAWNER, "-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"),
+            )
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.monotonic()
             result = run_lab(_config(kernel, argv, binary))
@@ -138,7 +143,8 @@ def bench_lab_gmem(runs: int, binary: str, progress: Callable[[str], None]) -> B
         progress(f"bench lab-gmem: run {i}/{runs} {wall[-1]:.1f} s")
     return Budget(
         "lab-gmem",
-        f"avocado run scenarios/gmem_uapi.py inside the lab on {kernel.release} "
+        f"avocado run scenarios/gmem_uapi.py --spawner {LAB_SPAWNER} inside the lab on "
+        f"{kernel.release} "
         "(boot included; cpu = the outer QEMU's)",
         GMEM_SUITE_BUDGET_S,
         wall,
