@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import LaunchError, QemuError, QmpError, SpecError
+from orchestrator.errors import GuestError, LaunchError, QemuError, QmpError, SpecError
 from orchestrator.image import ImageManifest
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.qmp import QmpCommandError, QmpSession
@@ -244,6 +244,24 @@ def test_bad_cpu_model_is_launch_error_with_qemu_stderr(
     # The evidence explains it: the exact command and QEMU's words.
     assert json.loads((evidence_dir / "argv.json").read_text())[0] == "qemu-system-x86_64"
     assert "no-such-cpu" in (evidence_dir / "qemu.stderr").read_text()
+
+
+@pytest.mark.vm
+def test_a_guest_that_never_gets_ready_leaves_its_registers_in_the_timeline(
+    guest_image: ImageManifest, evidence_dir: Path
+) -> None:
+    timeline = Timeline(evidence_dir / "timeline.jsonl")
+    # A marker the guest never prints: the wait ends at its deadline with QEMU alive.
+    machine = Machine(_spec(guest_image), evidence_dir, ready_marker="CVMLAB-NEVER-PRINTED",
+                      timeline=timeline)  # fmt: skip
+    with machine:
+        machine.start()
+        with pytest.raises(GuestError, match="did not appear on the console"):
+            machine.wait_ready(timeout=2)
+    stuck = [r for r in _records(evidence_dir / "timeline.jsonl") if r.get("kind") == "stuck"]
+    assert len(stuck) == 1, stuck
+    assert isinstance(stuck[0]["status"], dict) and "status" in stuck[0]["status"]
+    assert "RIP=" in str(stuck[0]["registers"]) and "CR3=" in str(stuck[0]["registers"])
 
 
 # --- no orphans ---------------------------------------------------------------------------

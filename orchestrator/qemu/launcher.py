@@ -487,10 +487,26 @@ class Machine:
                     "see serial.log for how far the guest got and qemu.stderr for QEMU",
                     detail="\n".join([self.stderr_text().strip(), *self.console.tail(20)]),
                 ) from None
+            self._record_stuck_vcpus()
             raise error from None
         self.timings["ready"] = line.t
         self._record("ready", t=line.t, seconds=round(line.t - self.timings["launch"], 6))
         return line.t
+
+    def _record_stuck_vcpus(self) -> None:
+        """Evidence for a guest that never got ready: QEMU's run state and the vCPUs'
+        registers (HMP `info registers`: QMP has no command for them) in the timeline.
+
+        A silent console says nothing about where a guest hangs; RIP and CR0/CR3 do
+        (nested guests in the lab, 2 of 9 boots in one run, hung or reset early).
+        """
+        try:
+            status = self.qmp.execute("query-status", timeout=5)
+            registers = self.qmp.human_monitor("info registers -a")
+        except CvmlabError as error:
+            self._record("stuck", error=str(error))
+            return
+        self._record("stuck", status=status, registers=registers)
 
     def mark_ready(self, how: str) -> float:
         """Record that the guest is ready without its console marker (restored from a
