@@ -111,7 +111,7 @@ class BalloonScenario(MemoryScenario):
 class Balloon(BalloonScenario):
     """
     :avocado: enable
-    :avocado: tags=smoke,balloon,tier:tcg
+    :avocado: tags=smoke,balloon,tier:tcg,tier:kvm
     """
 
     def test_inflate_frees_host_memory_and_deflate_returns_it(self) -> None:
@@ -229,7 +229,7 @@ class Balloon(BalloonScenario):
 class BalloonFreePageReporting(BalloonScenario):
     """
     :avocado: enable
-    :avocado: tags=balloon,free-page-reporting,tier:tcg
+    :avocado: tags=balloon,free-page-reporting,tier:tcg,tier:kvm
     """
 
     fixed_machine: ClassVar[Mapping[str, Any]] = {"balloon": "on", "free_page_reporting": "on"}

@@ -30,7 +30,7 @@ KERNEL_MEMORY_RE = re.compile(r"Memory: \d+K/(\d+)K available")
 class Boot(MachineScenario):
     """
     :avocado: enable
-    :avocado: tags=smoke,boot,tier:tcg
+    :avocado: tags=smoke,boot,tier:tcg,tier:kvm
     """
 
     timeout = 300

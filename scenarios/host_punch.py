@@ -56,7 +56,7 @@ PUNCH_PARAMS = frozenset({"punch_above_4g", "punch_kernel"})
 class HostPunch(MachineScenario):
     """
     :avocado: enable
-    :avocado: tags=smoke,tier:tcg,punch
+    :avocado: tags=smoke,tier:tcg,tier:kvm,punch
     """
 
     timeout = 300
@@ -284,7 +284,7 @@ class HostPunchKernelMemory(MachineScenario):
     backend shared with QEMU (`-p backend=memfd`).
 
     :avocado: enable
-    :avocado: tags=negative,tier:tcg,punch
+    :avocado: tags=negative,tier:tcg,tier:kvm,punch
     """
 
     timeout = 300

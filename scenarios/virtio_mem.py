@@ -50,7 +50,7 @@ FILL_STATE = "/run/cvmlab-fill"
 class VirtioMem(MemoryScenario):
     """
     :avocado: enable
-    :avocado: tags=smoke,virtio-mem,tier:tcg
+    :avocado: tags=smoke,virtio-mem,tier:tcg,tier:kvm
     """
 
     timeout = 360
