@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -60,7 +61,32 @@ def _modules_base(modules_dir: str | None, report: dict[str, object]) -> str | N
     return str(base)
 
 
+#: How long the runner waits for /init's background insmods (seconds under TCG: 1.1 s
+#: for kvm_amd and its dependencies on 7.3).
+EARLY_MODULES_DEADLINE_S = 120.0
+
+
+def _wait_for_early_modules(report: dict[str, object]) -> None:
+    """Wait until /init's background insmod subshell has ended (pidfd: not our child)."""
+    pid = os.environ.pop("CVMLAB_EARLY_PID", "")
+    if not pid.isdigit():
+        return
+    started = time.monotonic()
+    try:
+        fd = os.pidfd_open(int(pid))
+    except OSError:
+        return  # already gone
+    try:
+        ready, _, _ = select.select([fd], [], [], EARLY_MODULES_DEADLINE_S)
+    finally:
+        os.close(fd)
+    report["early_modules_wait_s"] = round(time.monotonic() - started, 3)
+    if not ready:
+        report["early_modules"] = f"still loading after {EARLY_MODULES_DEADLINE_S:g} s"
+
+
 def _load_modules(names: list[str], base: str | None, report: dict[str, object]) -> None:
+    _wait_for_early_modules(report)
     loaded: dict[str, str] = {}
     for name in names:
         if os.path.isdir(f"/sys/module/{name}"):
