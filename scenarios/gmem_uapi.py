@@ -572,6 +572,46 @@ class GmemUapi(Scenario):
         )
         self.finish()
 
+    def test_bind_of_an_fd_that_is_no_guest_memfd_is_refused(self) -> None:
+        """H4: a memslot on a regular memfd, on the VM fd or on the kvm fd fails with EINVAL
+        (kvm_gmem_bind: the file's f_op is not kvm_gmem_fops; 7.3 source).
+
+        :avocado: tags=H4
+        """
+        self.require_default_vm_binding()
+        memfd = os.memfd_create("cvmlab-not-a-guest-memfd", os.MFD_CLOEXEC)
+        self._owned.callback(os.close, memfd)
+        os.ftruncate(memfd, SMALL)
+        memory = self.scratch_memory(MiB)
+        for name, fd in (("a regular memfd", memfd), ("the VM fd", self.vm.fd),
+                         ("the kvm fd", self.kvm.fd)):  # fmt: skip
+            self.expect_errno(
+                errno.EINVAL,
+                f"binding {name} as a guest_memfd",
+                partial(
+                    self.vm.set_user_memory_region2, 1, guest_phys_addr=0, memory_size=MiB,
+                    userspace_addr=memory.address, guest_memfd=fd, guest_memfd_offset=0,
+                ),
+            )  # fmt: skip
+        self.finish()
+
+    def test_rebinding_after_the_memslot_is_deleted_is_accepted(self) -> None:
+        """H4: deleting a memslot unbinds its guest_memfd range (kvm_gmem_unbind): the same
+        range binds again to a new slot.
+
+        :avocado: tags=H4
+        """
+        self.require_default_vm_binding()
+        gmem = self.gmem(SMALL)
+        self.bind(1, gmem, gpa=0, size=2 * MiB, offset=0)
+        self.vm.delete_memslot(1)
+        self.expect_success(
+            "H4",
+            "binding [0, 2 MiB) again after its memslot was deleted",
+            lambda: self.bind(2, gmem, gpa=0x10000000, size=2 * MiB, offset=0),
+        )
+        self.finish()
+
     def test_two_non_overlapping_bindings_are_accepted(self) -> None:
         """H4: one guest_memfd may back two memslots on disjoint file ranges.
 
