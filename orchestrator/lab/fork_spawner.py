@@ -38,7 +38,8 @@ from avocado.plugins.spawners.process import ProcessSpawner
 #: The name avocado knows this spawner by (pyproject.toml's entry point).
 NAME = "cvmlab-fork"
 
-#: Runnable kinds whose runner this spawner forks (others go to the process spawner).
+#: Runnable kinds whose runner command is registered up front (see `_prime`). Every kind
+#: with a runner module is forked; a kind without one goes to the process spawner.
 FORKED_KINDS = ("avocado-instrumented", "tap", "exec-test")
 
 #: What the server imports once: avocado's runner for instrumented tests and the
