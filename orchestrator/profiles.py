@@ -44,8 +44,8 @@ class Job:
 
     file: str
     variants: str | None = None
-    more_files: tuple[str, ...] = ()  # merged jobs without variants (one Python start each
-    # test costs seconds under TCG in the lab; one avocado job instead of several saves more)
+    more_files: tuple[str, ...] = ()  # files merged in: same variants, one avocado start
+    # (each start costs seconds, tens under TCG in the lab)
     kernels: tuple[str, ...] = ()  # lab jobs: the lab kernels that run it (empty: every one)
 
     def runs_on(self, kernel: str | None) -> bool:
@@ -75,7 +75,7 @@ class Profile:
     tags: tuple[str, ...]
     jobs: tuple[Job, ...]
     lab_kernels: tuple[str, ...] = ()  # `cvmlab lab --kernel` values, one lab boot each
-    lab_jobs: tuple[Job, ...] = ()  # run inside every lab kernel
+    lab_jobs: tuple[Job, ...] = ()  # run inside each lab kernel (or those a job names)
     lab_hugepages: int = 0  # 2 MiB pages the lab reserves (its kernel is throwaway)
     lab_numa: int = 1  # NUMA nodes of the lab machine (mbind tests need two)
     host_jobs: bool = True  # False: a lab-only profile (kernel qualification)
