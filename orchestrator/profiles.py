@@ -203,6 +203,8 @@ def files_with_tests(avocado: str, files: Sequence[str], tag_filter: str | None)
     One `avocado list` for all of them: inside the lab each avocado start costs
     seconds of Python under TCG.
     """
+    if not files:
+        return set()  # no references: nothing to ask avocado (a Python start) about
     argv = [avocado, "list", *dict.fromkeys(files)]
     if tag_filter:
         argv.append(f"--filter-by-tags={tag_filter}")
@@ -309,7 +311,7 @@ def run_profile(
             (Path(job_dir) / "avocado-exit").write_text(f"{status}\n")
             (Path(job_dir) / "hostname").write_text(f"{socket.gethostname()}\n")
         runs.append(JobRun(job, tuple(argv), status, job_dir))
-    if inside_lab or not with_lab:
+    if inside_lab or not with_lab or not profile.lab_kernels:
         return runs
     cvmlab = str(Path(avocado).with_name("cvmlab"))
     lab_listed = files_with_tests(

@@ -37,10 +37,7 @@ from orchestrator.invariants.verdict import Tolerance, holds, within
 from orchestrator.memory.host_punch import HostPuncher, anon_discard_refused
 from orchestrator.scenario import MachineScenario
 from orchestrator.timeline import now
-from orchestrator.units import GiB
-
-#: The page size of the guest buffer's pages, hence of every punch.
-GUEST_PAGE = 4096
+from orchestrator.units import PAGE, GiB
 
 BUFFER_MIB = 16
 DEFAULT_SEED = 0x5EED
@@ -128,11 +125,11 @@ class HostPunch(MachineScenario):
         """H2, H3, G2, H8, G3 for the variant's backend (see the module docstring)."""
         puncher = HostPuncher(self.machine.qmp, self.machine.pid, timeline=self.timeline)
         ram = puncher.memory_map.memdev(puncher.memory_map.machine_memdev)
-        if ram.page_size > GUEST_PAGE:
+        if ram.page_size > PAGE:
             # A punch frees whole backing pages: a 2 MiB hugetlb page holds other guest
             # memory next to the buffer's 4 KiB pages (the guest kernel's included).
             self.cancel(
-                f"host punch punches single {GUEST_PAGE // 1024} KiB guest pages; backend "
+                f"host punch punches single {PAGE // 1024} KiB guest pages; backend "
                 f"{ram.id} has {ram.page_size // 1024} KiB pages, each holding other guest memory"
             )
         helper = self.helper()
