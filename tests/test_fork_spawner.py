@@ -7,6 +7,7 @@ timeouts and reaping must be exactly what avocado's process spawner gives.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lab.fork_spawner import NAME, POLL_INTERVAL, PRELOAD
+from orchestrator.lab.fork_spawner import NAME, POLL_INTERVAL, PRELOAD, drain_monitor
 from orchestrator.profiles import LAB_SPAWNER
 
 AVOCADO = str(Path(sys.executable).with_name("avocado"))
@@ -37,6 +38,10 @@ class Forked(Test):
 
     def test_cancels(self):
         self.cancel("a capability is missing")
+
+    def test_logs_many_lines(self):
+        for number in range(200):
+            self.log.info("line %d of 200", number)
 
 
 class Slow(Test):
@@ -66,6 +71,13 @@ def _run_job(tmp_path: Path, spawner: str) -> dict[str, str]:
     return {test["name"].rsplit(".", 1)[-1]: test["status"] for test in report["tests"]}
 
 
+@pytest.fixture(scope="module")
+def forked_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """One job under the fork spawner, shared by the tests that read its results."""
+    tmp_path = tmp_path_factory.mktemp("forked")
+    return tmp_path, _run_job(tmp_path, LAB_SPAWNER)
+
+
 @pytest.mark.parametrize("spawner", [LAB_SPAWNER, "process"])
 def test_statuses_match_the_process_spawner(tmp_path: Path, spawner: str) -> None:
     statuses = _run_job(tmp_path, spawner)
@@ -76,8 +88,44 @@ def test_statuses_match_the_process_spawner(tmp_path: Path, spawner: str) -> Non
         assert statuses["test_sees_the_preloaded_scenario_layer"] == "PASS"
 
 
-def test_timed_out_test_is_reaped_and_no_server_outlives_the_job(tmp_path: Path) -> None:
-    _run_job(tmp_path, LAB_SPAWNER)
+def test_every_log_line_of_a_forked_test_reaches_its_debug_log(
+    forked_job: tuple[Path, dict[str, str]],
+) -> None:
+    tmp_path, statuses = forked_job
+    assert statuses["test_logs_many_lines"] == "PASS"
+    (log,) = tmp_path.glob("results/job-*/test-results/*logs_many_lines*/debug.log")
+    lines = [line for line in log.read_text().splitlines() if "of 200" in line]
+    assert [line.rsplit("| ", 1)[-1] for line in lines] == [f"line {n} of 200" for n in range(200)]
+
+
+def test_drain_monitor_relays_everything_queued_in_one_poll_and_stops_at_finished() -> None:
+    queue: multiprocessing.SimpleQueue[dict[str, str]] = multiprocessing.SimpleQueue()
+    queue.put({"type": "early_state"})
+    for number in range(50):
+        queue.put({"type": "log", "log": str(number)})
+    queue.put({"status": "finished", "result": "pass"})
+    queue.put({"type": "log", "log": "after the end"})
+    relayed = list(drain_monitor(queue))
+    # No "running" between queued messages: one poll took all 50 and the finished one.
+    assert [m.get("log") for m in relayed[:-1]] == [str(n) for n in range(50)]
+    assert relayed[-1]["status"] == "finished"
+    assert not queue.empty()  # what came after "finished" is not the runner's to relay
+
+
+def test_drain_monitor_posts_running_while_the_test_is_quiet() -> None:
+    queue: multiprocessing.SimpleQueue[dict[str, str]] = multiprocessing.SimpleQueue()
+    monitor = drain_monitor(queue)
+    assert next(monitor)["status"] == "running"
+    queue.put({"status": "finished", "result": "pass"})
+    assert next(monitor)["status"] == "finished"
+    with pytest.raises(StopIteration):
+        next(monitor)
+
+
+def test_timed_out_test_is_reaped_and_no_server_outlives_the_job(
+    forked_job: tuple[Path, dict[str, str]],
+) -> None:
+    tmp_path, _ = forked_job
     (pid_file,) = tmp_path.glob("results/job-*/test-results/*past_its_timeout*/data/pid")
     pid = int(pid_file.read_text())
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
