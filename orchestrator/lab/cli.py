@@ -25,6 +25,7 @@ from types import FrameType
 
 from orchestrator.errors import LabError
 from orchestrator.image.builder import cache_root
+from orchestrator.lab.bytecode import compile_checkout
 from orchestrator.lab.kernels import LabKernel, check_kvm_modules, debian_kernel, local_kernel
 from orchestrator.lab.machine import (
     DEFAULT_CPUS,
@@ -120,6 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
     kernel = resolve_kernel(args)
     check_kvm_modules(kernel)
+    compile_checkout(CHECKOUT)
     writable = [CHECKOUT, Path.cwd(), cache_root(), *args.rw]
     results = args.results.resolve()
     results.mkdir(parents=True, exist_ok=True)
