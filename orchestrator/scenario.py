@@ -31,14 +31,13 @@ import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from avocado import Test
 from avocado.core import exceptions as avocado_exceptions
 
 from orchestrator.errors import CvmlabError, HostError, ImageError, QemuError
 from orchestrator.guest.memhelper import MemHelper
-from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.baseline import TeardownWatch
 from orchestrator.host.confidential import prepare_confidential, required_tiers
 from orchestrator.host.hostlock import HostLock
@@ -74,6 +73,9 @@ from orchestrator.qemu.trace import TraceCollector, trace_output
 from orchestrator.qemu.warm import finish_start, start_guest
 from orchestrator.repro import FAILED_STATUSES, write_repro_bundle
 from orchestrator.timeline import Timeline, now
+
+if TYPE_CHECKING:
+    from orchestrator.guest.ssh import GuestShell
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 # Seconds for the guest's sshd to answer once the readiness marker is seen.

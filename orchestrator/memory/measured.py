@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import HostError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
-from orchestrator.guest.ssh import GuestShell
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.meminfo import sample_meminfo
 from orchestrator.host.settle import Settled, settle
@@ -43,6 +43,9 @@ from orchestrator.qemu.spec import MachineSpec
 from orchestrator.qemu.trace import TraceCollector, TraceTotals, set_trace_events
 from orchestrator.timeline import Timeline
 from orchestrator.units import MiB
+
+if TYPE_CHECKING:
+    from orchestrator.guest.ssh import GuestShell
 
 #: The host lock every test that judges host-wide memory counters holds.
 HOST_LOCK = "meminfo"

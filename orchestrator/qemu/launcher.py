@@ -39,7 +39,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from orchestrator.errors import (
     CvmlabError,
@@ -51,12 +51,14 @@ from orchestrator.errors import (
     SpecError,
 )
 from orchestrator.guest.serial import CrashReport, SerialConsole
-from orchestrator.guest.ssh import GuestShell
 from orchestrator.qemu.argv import Plumbing, build_argv, render_run_sh
 from orchestrator.qemu.qmp import QmpEvent, QmpSession
 from orchestrator.qemu.spawn import setpriv_path, spawn
 from orchestrator.qemu.spec import Backend, DiskBoot, FileBackend, KernelBoot, MachineSpec
 from orchestrator.timeline import Timeline, now
+
+if TYPE_CHECKING:
+    from orchestrator.guest.ssh import GuestShell
 
 # Budgets of the shutdown rungs after the first (the first gets `timeout`).
 QUIT_TIMEOUT = 5.0
@@ -531,6 +533,8 @@ class Machine:
             raise SpecError(
                 "this machine has no SSH forward", "set ssh_forward on (the default) in the spec"
             )
+        from orchestrator.guest.ssh import GuestShell  # paramiko: only when a shell is opened
+
         shell = GuestShell(
             self.ssh_port, user, Path(key), host_key=host_key, timeline=self.timeline,
             crash_error=self._gone_error,

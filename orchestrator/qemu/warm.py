@@ -22,10 +22,9 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CvmlabError, QmpError
-from orchestrator.guest.ssh import GuestShell
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.snapshot import (
     WARM_DEVICE_ARGS,
@@ -40,6 +39,9 @@ from orchestrator.qemu.snapshot import (
 )
 from orchestrator.qemu.spec import MachineSpec
 from orchestrator.timeline import Timeline, now
+
+if TYPE_CHECKING:
+    from orchestrator.guest.ssh import GuestShell
 
 #: `CVMLAB_WARM=0` turns warm starts off (every guest boots cold, nothing is saved).
 WARM_ENV = "CVMLAB_WARM"

@@ -40,10 +40,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CvmlabError, GuestCrashed, QmpError
-from orchestrator.guest.ssh import GuestShell
 from orchestrator.qemu.argv import (
     HUMAN_QMP_CHARDEV_ID,
     QMP_CHARDEV_ID,
@@ -65,6 +64,9 @@ from orchestrator.qemu.warm import finish_start
 from orchestrator.repro.bundle import ReproBundle, ReproError
 from orchestrator.repro.steps import Step
 from orchestrator.timeline import Timeline, now
+
+if TYPE_CHECKING:
+    from orchestrator.guest.ssh import GuestShell
 
 SEED_ENV = "CVMLAB_SEED"
 # Bounds on how long a replayed step may take, scaled from how long it took in the test.
