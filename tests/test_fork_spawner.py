@@ -11,12 +11,14 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from orchestrator.lab.fork_server import chooses_fork_spawner
 from orchestrator.lab.fork_spawner import NAME, POLL_INTERVAL, PRELOAD, drain_monitor
-from orchestrator.profiles import LAB_SPAWNER
+from orchestrator.profiles import LAB_AVOCADO, LAB_SPAWNER
 
 AVOCADO = str(Path(sys.executable).with_name("avocado"))
 
@@ -54,12 +56,12 @@ class Slow(Test):
 '''
 
 
-def _run_job(tmp_path: Path, spawner: str) -> dict[str, str]:
+def _run_job(tmp_path: Path, spawner: str, avocado: Sequence[str] = (AVOCADO,)) -> dict[str, str]:
     scenario = tmp_path / "forked.py"
     scenario.write_text(SCENARIO)
     results = tmp_path / "results"
     done = subprocess.run(
-        [AVOCADO, "run", str(scenario), "--spawner", spawner, "--job-results-dir",
+        [*avocado, "run", str(scenario), "--spawner", spawner, "--job-results-dir",
          str(results), "--max-parallel-tasks", "2", "--disable-sysinfo"],
         capture_output=True, text=True, timeout=180, check=False,
         env={**os.environ, "CVMLAB_TEST_MARK": str(tmp_path)},
@@ -88,6 +90,29 @@ def test_statuses_match_the_process_spawner(tmp_path: Path, spawner: str) -> Non
         assert statuses["test_sees_the_preloaded_scenario_layer"] == "PASS"
 
 
+def test_the_lab_launcher_runs_the_same_job_with_the_server_started_first(
+    tmp_path: Path, forked_job: tuple[Path, dict[str, str]]
+) -> None:
+    launched = _run_job(tmp_path, LAB_SPAWNER, (sys.executable, "-m", LAB_AVOCADO))
+    assert launched == forked_job[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "chosen"),
+    [
+        (["run", "a.py", "--spawner", "cvmlab-fork"], True),
+        (["run", "a.py", "--spawner=cvmlab-fork"], True),
+        (["run", "a.py", "--spawner", "process"], False),
+        (["run", "a.py", "--spawner"], False),
+        (["list", "a.py", "--spawner", "cvmlab-fork"], False),
+    ],
+)
+def test_the_launcher_starts_the_server_only_for_a_run_with_our_spawner(
+    argv: list[str], chosen: bool
+) -> None:
+    assert chooses_fork_spawner(argv) is chosen
+
+
 def test_every_log_line_of_a_forked_test_reaches_its_debug_log(
     forked_job: tuple[Path, dict[str, str]],
 ) -> None:
@@ -96,6 +121,36 @@ def test_every_log_line_of_a_forked_test_reaches_its_debug_log(
     (log,) = tmp_path.glob("results/job-*/test-results/*logs_many_lines*/debug.log")
     lines = [line for line in log.read_text().splitlines() if "of 200" in line]
     assert [line.rsplit("| ", 1)[-1] for line in lines] == [f"line {n} of 200" for n in range(200)]
+
+
+EARLY_START = """
+import os, sys
+from orchestrator.lab.fork_spawner import EarlyStart
+EarlyStart().run({"subcommand": sys.argv[1], "run.spawner": sys.argv[2]})
+children = set()
+for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{task}/children") as listing:
+        children.update(listing.read().split())
+servers = 0
+for child in children:
+    with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+        servers += b"forkserver" in cmdline.read()
+print(servers)
+"""
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "spawner", "servers"),
+    [("run", LAB_SPAWNER, 1), ("run", "process", 0), ("list", LAB_SPAWNER, 0)],
+)
+def test_the_server_starts_right_after_parsing_only_for_a_run_with_our_spawner(
+    subcommand: str, spawner: str, servers: int
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_START, subcommand, spawner],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert int(done.stdout.split()[-1]) == servers
 
 
 def test_drain_monitor_relays_everything_queued_in_one_poll_and_stops_at_finished() -> None:

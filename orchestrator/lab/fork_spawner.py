@@ -35,36 +35,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from avocado.core.nrunner.runnable import RUNNERS_REGISTRY_STANDALONE_EXECUTABLE, Runnable
+from avocado.core.plugin_interfaces import CLI
 from avocado.plugins.spawners.process import ProcessSpawner
 
-#: The name avocado knows this spawner by (pyproject.toml's entry point).
-NAME = "cvmlab-fork"
+from orchestrator.lab.fork_server import CONTEXT, NAME, PRELOAD, start_server
+
+__all__ = ["NAME", "PRELOAD", "EarlyStart", "ForkSpawner", "drain_monitor", "run_runner"]
 
 #: Runnable kinds whose runner command is registered up front (see `_prime`). Every kind
 #: with a runner module is forked; a kind without one goes to the process spawner.
 FORKED_KINDS = ("avocado-instrumented", "tap", "exec-test")
-
-#: What the server imports once: avocado's runner for instrumented tests and the
-#: scenario layers every scenario file imports. A module that fails to import here
-#: is imported by the test itself, where its error is reported.
-PRELOAD = (
-    "avocado.core.test",
-    "avocado.plugins.runners.avocado_instrumented",
-    "avocado.plugins.runners.tap",
-    "orchestrator.scenario",
-    "orchestrator.kvm_scenario",
-    "orchestrator.lab.fork_spawner",
-)
 
 #: How often a runner polls its test and posts "running" to the job (avocado: 0.01 s).
 #: Under TCG each poll and post costs the runner and the job process milliseconds of
 #: CPU, so two tests at 100 posts/s each kept the lab's two vCPUs busy with
 #: bookkeeping: a gmem test whose body took 2.6 s took 30-50 s in the job.
 POLL_INTERVAL = 0.2
-
-#: The server's start method: a fork of a process that imported PRELOAD.
-_CONTEXT = multiprocessing.get_context("forkserver")
-
 
 def run_runner(module: str, argv: list[str]) -> None:
     """In the forked child: run avocado's runner `module` as its executable would.
@@ -145,7 +131,6 @@ class ForkSpawner(ProcessSpawner):  # type: ignore[misc]
 
     description = "Forks each task from a server that imported avocado and cvmlab once"
 
-    _preloaded = False
     _starting: asyncio.Lock | None = None
 
     def __init__(self, config: Any = None, job: Any = None) -> None:
@@ -155,12 +140,7 @@ class ForkSpawner(ProcessSpawner):  # type: ignore[misc]
             self._prime()
 
     @classmethod
-    def _ensure_server(cls) -> None:
-        if not cls._preloaded:
-            _CONTEXT.set_forkserver_preload(list(PRELOAD))
-            cls._preloaded = True
-
-    def _prime(self) -> None:
+    def _prime(cls) -> None:
         """Start the server now, and tell avocado where the forked kinds' runners are.
 
         The server imports PRELOAD while avocado sets the suite up (tens of seconds in
@@ -168,12 +148,9 @@ class ForkSpawner(ProcessSpawner):  # type: ignore[misc]
         capabilities, a Python start per kind (14 s in the lab); the command registered
         instead is the `python -m <module>` form avocado itself falls back to.
         """
-        self._ensure_server()
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
+        start_server()
         for kind in FORKED_KINDS:
-            module = self._runner_module(kind)
+            module = cls._runner_module(kind)
             if module is not None:
                 RUNNERS_REGISTRY_STANDALONE_EXECUTABLE.setdefault(
                     kind, [sys.executable, "-m", module]
@@ -190,9 +167,9 @@ class ForkSpawner(ProcessSpawner):  # type: ignore[misc]
         if module is None:
             return bool(await super().spawn_task(runtime_task))
         self.create_task_output_dir(runtime_task)
-        self._ensure_server()
+        start_server()
         argv = [f"avocado-runner-{task.runnable.kind}", "task-run", *task.get_command_args()]
-        process = _CONTEXT.Process(target=run_runner, args=(module, argv), daemon=False)
+        process = CONTEXT.Process(target=run_runner, args=(module, argv), daemon=False)
         # start() forks through the server's socket: quick, but blocking; the first one
         # also starts the server and waits for PRELOAD (seconds under TCG). One at a
         # time: multiprocessing's bookkeeping of children is not thread-safe.
@@ -234,3 +211,23 @@ class ForkSpawner(ProcessSpawner):  # type: ignore[misc]
             except asyncio.TimeoutError:
                 return False
         return True
+
+
+class EarlyStart(CLI):  # type: ignore[misc]
+    """Starts the fork server as soon as avocado has parsed a `run --spawner cvmlab-fork`.
+
+    avocado creates its spawner only when the job runs its suite, after resolving
+    the references and setting the job up: about 20 s in the lab, in which the
+    server's imports (about as long again, on the lab's other vCPU) could already
+    have run. A CLI plugin runs right after parsing (avocado.core.app).
+    """
+
+    name = "cvmlab-fork-early-start"
+    description = "Starts the cvmlab-fork server before the suite is resolved"
+
+    def configure(self, parser: Any) -> None:
+        """No options of its own: `--spawner` says whether to start."""
+
+    def run(self, config: Any) -> None:
+        if config.get("subcommand") == "run" and config.get("run.spawner") == NAME:
+            ForkSpawner._prime()

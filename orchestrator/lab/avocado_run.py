@@ -1,0 +1,38 @@
+"""`python -m orchestrator.lab.avocado_run run ... --spawner cvmlab-fork`: avocado's own
+command line, with the fork server started before avocado is imported.
+
+Why: in the lab (Python under TCG), `import avocado` takes about 11 s and the fork
+server's preload about as long again. avocado starts its spawner only when the job
+runs its suite, so the first test waited for both in turn: 31 s from `avocado run`
+to the first test of a one-test smoke job on 7.3. Started first, the server imports
+on the lab's other vCPU while this process imports avocado, parses and resolves.
+Everything else is avocado's `main()` with the same arguments: what `cvmlab profile
+run --inside-lab` prints is what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from orchestrator.lab.fork_server import chooses_fork_spawner, start_server
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if chooses_fork_spawner(args):
+        # avocado's main() points TMP at /var/tmp when no temp dir is set; the forked
+        # tests inherit the server's environment, so it gets the same before it starts.
+        if not any(name in os.environ for name in ("TMP", "TEMP", "TMPDIR")):
+            if os.path.exists("/var/tmp"):
+                os.environ["TMP"] = "/var/tmp"
+        start_server()
+    from avocado.core.main import main as avocado_main
+
+    sys.argv = ["avocado", *args]
+    status = avocado_main()
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
