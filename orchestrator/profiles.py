@@ -20,8 +20,9 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,18 +175,27 @@ LAB_TIMEOUT_FACTOR = 5
 
 # Inside the lab, each test forks from a server that imported avocado and cvmlab once
 # (orchestrator/lab/fork_spawner.py), instead of a new interpreter per test.
-LAB_SPAWNER = "cvmlab-fork"  # orchestrator.lab.fork_spawner.NAME (a layer above this one)
+LAB_SPAWNER = "cvmlab-fork"  # orchestrator.lab.fork_server.NAME (a layer above this one)
+#: The module inside the lab that runs avocado's command line (a layer above this one).
+LAB_AVOCADO = "orchestrator.lab.avocado_run"
 
 
 def avocado_argv(
     profile: Profile, job: Job, *, avocado: str, results: str, parallel: int, tier: str | None,
     inside_lab: bool = False,
 ) -> list[str]:  # fmt: skip
-    """The exact avocado command for one job (references before -m: -m takes several files)."""
-    argv = [avocado, "run", *job.files, "--job-results-dir", results]
+    """The exact avocado command for one job (references before -m: -m takes several files).
+
+    Inside the lab, avocado's command line runs through LAB_AVOCADO, which starts the
+    fork spawner's server before it imports avocado (orchestrator/lab/avocado_run.py).
+    """
+    command = [sys.executable, "-m", LAB_AVOCADO] if inside_lab else [avocado]
+    argv = [*command, "run", *job.files, "--job-results-dir", results]
     argv += ["--max-parallel-tasks", str(parallel)]
     if inside_lab:
-        argv += ["--spawner", LAB_SPAWNER]
+        # No job sysinfo in the lab: it describes a throwaway VM (the lab's own
+        # evidence, lab.json, has its kernel and CPU) and costs seconds under TCG.
+        argv += ["--spawner", LAB_SPAWNER, "--disable-sysinfo"]
     if inside_lab and not job.variants:
         # avocado refuses -p beside a varianter (-m): the lab's variants files carry it.
         argv += ["-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"]
@@ -217,14 +227,38 @@ def files_with_tests(avocado: str, files: Sequence[str], tag_filter: str | None)
     return {file for file in files if file in found}
 
 
-def _streamed(argv: list[str]) -> tuple[int, str]:
-    """Run `argv` in the repository with its stdout passed through; (status, stdout)."""
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    output = []
-    for line in proc.stdout:
+#: Host jobs and a lab running beside them write whole lines, one at a time.
+_OUTPUT = threading.Lock()
+
+
+def _say_line(line: str) -> None:
+    with _OUTPUT:
         sys.stdout.write(line)
         sys.stdout.flush()
+
+
+def _whole_lines(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say`, holding the output lock: no other thread's line lands inside its line."""
+
+    def locked(text: str) -> None:
+        with _OUTPUT:
+            say(text)
+
+    return locked
+
+
+def _streamed(argv: list[str], prefix: str = "") -> tuple[int, str]:
+    """Run `argv` in the repository with its stdout passed through; (status, stdout).
+
+    In our process group: a Ctrl-C reaches avocado and `cvmlab lab`, which stop
+    their tests and guests in order.
+    """
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    output = []
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace")
+        _say_line(prefix + line)
         output.append(line)
     return proc.wait(), "".join(output)
 
@@ -261,6 +295,7 @@ def run_profile(
     lab_kernel: str | None = None,
     lab_files: Sequence[str] | None = None,
     only_kernels: Sequence[str] | None = None,
+    lab_beside: bool = True,
 ) -> list[JobRun]:
     """Run every job of `profile` that has matching tests; avocado's output streams through.
 
@@ -268,8 +303,8 @@ def run_profile(
     for `lab_kernel` (the `--kernel` the lab booted) when it is given; `lab_files`: the
     files the host found matching tests in (no `avocado list` inside, where it costs tens
     of seconds).
-    `with_lab`: after the host jobs, boot each lab kernel and run the lab jobs there
-    (`only_kernels`: those of the profile's lab kernels).
+    `with_lab`: boot each lab kernel and run the lab jobs there (`only_kernels`: those
+    of the profile's lab kernels); `lab_beside`: while the host jobs run, else after them.
     """
     unknown = set(only_kernels or ()) - set(profile.lab_kernels)
     if unknown:
@@ -277,17 +312,101 @@ def run_profile(
             f"profile {profile.name!r} has no lab kernel {', '.join(sorted(unknown))}",
             f"use one of: {', '.join(profile.lab_kernels) or '(it has no lab)'}",
         )
+    labs: list[LabRun] = []
+    with_lab = with_lab and not inside_lab and bool(profile.lab_kernels)
+    if inside_lab and lab_files is not None:
+        listed = set(lab_files)
+    else:
+        # One `avocado list` for the host's and the lab's files (each costs a Python start).
+        host_jobs = profile.lab_jobs if inside_lab else profile.jobs if profile.host_jobs else ()
+        files = [file for job in host_jobs for file in job.files]
+        files += [file for job in profile.lab_jobs for file in job.files] if with_lab else []
+        listed = files_with_tests(avocado, files, profile.tag_filter(tier))
+    if with_lab:
+        labs = plan_labs(profile, listed, avocado=avocado, results=results, parallel=parallel,
+                         tier=tier, only_kernels=only_kernels)  # fmt: skip
+    beside = None
+    if labs and profile.host_jobs and lab_beside and not dry_run:
+        # The lab's TCG vCPUs use what the host jobs leave (they wait on the host lock
+        # and on their guests). Lines are written whole; the lab's carry `[lab K]`.
+        say = _whole_lines(say)
+        beside = threading.Thread(target=_run_labs, args=(labs, say, True), daemon=True)
+        beside.start()
+    runs = _run_jobs(profile, avocado=avocado, results=results, parallel=parallel, tier=tier,
+                     dry_run=dry_run, say=say, inside_lab=inside_lab, lab_kernel=lab_kernel,
+                     listed=listed)  # fmt: skip
+    if beside is not None:
+        beside.join()
+    else:
+        _run_labs(labs, say, False, dry_run=dry_run)
+    for lab in labs:
+        runs.extend(lab.runs)
+    return runs
+
+
+@dataclass
+class LabRun:
+    """One lab kernel's boot: the command, the files it runs, and what came of it."""
+
+    kernel: str
+    argv: list[str]
+    files: list[str]
+    runs: list[JobRun] = field(default_factory=list)
+
+
+def plan_labs(profile: Profile, listed: set[str], *, avocado: str, results: str,
+              parallel: int, tier: str | None,
+              only_kernels: Sequence[str] | None) -> list[LabRun]:  # fmt: skip
+    """The lab boots `profile` needs, with the files that have matching tests (`listed`)."""
+    cvmlab = str(Path(avocado).with_name("cvmlab"))
+    labs = []
+    for kernel in profile.lab_kernels:
+        if only_kernels and kernel not in only_kernels:
+            continue
+        files = [j.file for j in profile.lab_jobs if j.runs_on(kernel) and j.file in listed]
+        argv = lab_argv(profile, kernel, cvmlab=cvmlab, results=results, parallel=parallel,
+                        tier=tier, files=files)  # fmt: skip
+        labs.append(LabRun(kernel, argv, files))
+    return labs
+
+
+def _run_labs(labs: list[LabRun], say: Callable[[str], None], beside: bool,
+              dry_run: bool = False) -> None:  # fmt: skip
+    """Boot each lab in turn; `beside`: host jobs run meanwhile, so lines get a prefix."""
+    for lab in labs:
+        lab_job = Job(f"lab --kernel {lab.kernel}")
+        if not lab.files:
+            lab.runs.append(JobRun(lab_job, tuple(lab.argv), None, None, "no matching test"))
+            continue
+        prefix = f"[lab {lab.kernel}] " if beside else ""
+        say(prefix + "== " + " ".join(lab.argv))
+        if dry_run:
+            lab.runs.append(JobRun(lab_job, tuple(lab.argv), None, None, "dry run"))
+            continue
+        try:
+            status, output = _streamed(lab.argv, prefix)
+        except OSError as error:  # say so, and fail the run
+            say(f"{prefix}could not start the lab: {error}")
+            lab.runs.append(JobRun(lab_job, tuple(lab.argv), 2, None, f"not started: {error}"))
+            continue
+        for job_dir in JOB_LOG_RE.findall(output):
+            lab.runs.append(
+                JobRun(Job(f"  in lab {lab.kernel}"), tuple(lab.argv), None, job_dir, "inside")
+            )
+        lab.runs.append(JobRun(lab_job, tuple(lab.argv), status, None, "see the jobs above"))
+
+
+def _run_jobs(profile: Profile, *, avocado: str, results: str, parallel: int,
+              tier: str | None, dry_run: bool, say: Callable[[str], None], inside_lab: bool,
+              lab_kernel: str | None, listed: set[str]) -> list[JobRun]:  # fmt: skip
+    """The host jobs of `profile`, or inside a lab the lab jobs for `lab_kernel`.
+
+    `listed`: the files that have matching tests."""
     runs: list[JobRun] = []
     if inside_lab:
         jobs = tuple(j for j in profile.lab_jobs if j.runs_on(lab_kernel))
     else:
         jobs = profile.jobs if profile.host_jobs else ()
-    if inside_lab and lab_files is not None:
-        listed = set(lab_files)
-    else:
-        listed = files_with_tests(
-            avocado, [file for job in jobs for file in job.files], profile.tag_filter(tier)
-        )
     for job in jobs:
         if job.file not in listed:
             runs.append(JobRun(job, (), None, None, "no matching test"))
@@ -311,30 +430,6 @@ def run_profile(
             (Path(job_dir) / "avocado-exit").write_text(f"{status}\n")
             (Path(job_dir) / "hostname").write_text(f"{socket.gethostname()}\n")
         runs.append(JobRun(job, tuple(argv), status, job_dir))
-    if inside_lab or not with_lab or not profile.lab_kernels:
-        return runs
-    cvmlab = str(Path(avocado).with_name("cvmlab"))
-    lab_listed = files_with_tests(
-        avocado, [file for job in profile.lab_jobs for file in job.files], profile.tag_filter(tier)
-    )
-    for kernel in profile.lab_kernels:
-        if only_kernels and kernel not in only_kernels:
-            continue
-        files = [j.file for j in profile.lab_jobs if j.runs_on(kernel) and j.file in lab_listed]
-        argv = lab_argv(profile, kernel, cvmlab=cvmlab, results=results, parallel=parallel,
-                        tier=tier, files=files)  # fmt: skip
-        lab_job = Job(f"lab --kernel {kernel}")
-        if not files:
-            runs.append(JobRun(lab_job, tuple(argv), None, None, "no matching test"))
-            continue
-        say("== " + " ".join(argv))
-        if dry_run:
-            runs.append(JobRun(lab_job, tuple(argv), None, None, "dry run"))
-            continue
-        status, output = _streamed(argv)
-        for job_dir in JOB_LOG_RE.findall(output):
-            runs.append(JobRun(Job(f"  in lab {kernel}"), tuple(argv), None, job_dir, "inside"))
-        runs.append(JobRun(lab_job, tuple(argv), status, None, "see the jobs above"))
     return runs
 
 
@@ -362,6 +457,7 @@ def _run(args: argparse.Namespace) -> int:
         lab_kernel=args.lab_kernel,
         lab_files=args.lab_file,
         only_kernels=args.kernel,
+        lab_beside=not args.lab_after,
     )
     print()
     print(summary(runs))
@@ -396,6 +492,10 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument(
         "--no-lab", action="store_true", help="host jobs only (skip the profile's lab kernels)"
     )
+    run.add_argument(
+        "--lab-after", action="store_true",
+        help="boot the lab kernels after the host jobs, not while they run",
+    )  # fmt: skip
     run.add_argument(
         "--kernel", action="append", metavar="K",
         help="only this one of the profile's lab kernels (repeatable)",

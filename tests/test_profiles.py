@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.errors import CvmlabError
 from orchestrator.profiles import (
+    LAB_AVOCADO,
     LAB_SPAWNER,
     LAB_TIMEOUT_FACTOR,
     REPO,
@@ -22,6 +23,7 @@ from orchestrator.profiles import (
     lab_argv,
     load_profiles,
     merge_jobs,
+    run_profile,
 )
 
 CVMLAB = [sys.executable, "-m", "orchestrator.cli"]
@@ -129,16 +131,16 @@ def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_facto
     profile = load_profiles()["full"]
     argv = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
                         tier=None, inside_lab=True)  # fmt: skip
-    assert argv[2:4] == ["a.py", "c.py"]
+    assert argv[:5] == [sys.executable, "-m", LAB_AVOCADO, "run", "a.py"] and argv[5] == "c.py"
     assert argv[argv.index("-p") + 1] == f"timeout_factor={LAB_TIMEOUT_FACTOR}"
-    assert argv[argv.index("--spawner") + 1] == LAB_SPAWNER
+    assert argv[argv.index("--spawner") + 1] == LAB_SPAWNER and "--disable-sysinfo" in argv
     # avocado refuses -p with -m: a job with variants gets the factor from its file.
     with_variants = avocado_argv(profile, merged[1], avocado="avocado", results="r",
                                  parallel=2, tier=None, inside_lab=True)  # fmt: skip
     assert "-p" not in with_variants and LAB_SPAWNER in with_variants
     on_host = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
                            tier=None)  # fmt: skip
-    assert "--spawner" not in on_host
+    assert "--spawner" not in on_host and "--disable-sysinfo" not in on_host
     for job in profile.lab_jobs:
         if job.variants:
             assert "timeout_factor:" in (REPO / job.variants).read_text(), job.variants
@@ -218,3 +220,71 @@ def test_a_run_can_pick_lab_kernels_and_an_unknown_one_is_one_error() -> None:
     )  # fmt: skip
     assert bad.returncode != 0 and "no lab kernel 5.10" in bad.stderr
     assert "Traceback" not in bad.stderr and "use one of: 7.3" in bad.stderr
+
+
+# Stand-ins for the avocado and cvmlab executables, to test only how the profile runner
+# schedules them (the real ones run in `make smoke` and `make test`): each side marks
+# that it started and waits, with a deadline, for the other side's mark, so they pass
+# only if the lab runs while the host jobs do.
+STAND_IN = """#!/bin/bash
+marks={marks}
+if [ "$1" = list ]; then
+    shift
+    for ref in "$@"; do case $ref in *.py) echo "avocado-instrumented $ref:Stand.test";; esac; done
+    exit 0
+fi
+side=$( [ "$1" = lab ] && echo lab || echo host )
+other=$( [ "$side" = lab ] && echo host || echo lab )
+touch "$marks/$side-started"
+waited=0
+while [ ! -e "$marks/$other-started" ]; do
+    [ $waited -ge 100 ] && {{ echo "$side: $other never started"; exit 3; }}
+    read -r -t 0.1 _ <> "$marks/fifo"  # nobody writes: a 0.1 s wait for the mark
+    waited=$((waited + 1))
+done
+echo "JOB LOG    : $marks/job-$side-$$/job.log"
+"""
+
+
+def _stand_ins(tmp_path: Path) -> Path:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    subprocess.run(["mkfifo", str(marks / "fifo")], check=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("avocado", "cvmlab"):
+        script = bin_dir / name
+        script.write_text(STAND_IN.format(marks=marks))
+        script.chmod(0o755)
+    return bin_dir / "avocado"
+
+
+#: One host job and one lab kernel, as `smoke` has (its files exist: avocado lists them).
+BESIDE = Profile("beside", "", (), (Job("scenarios/boot.py"),), lab_kernels=("7.3",),
+                 lab_jobs=(Job("scenarios/gmem_vcpu.py"),))  # fmt: skip
+
+
+def test_the_lab_boots_while_the_host_jobs_run_and_its_lines_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = run_profile(BESIDE, avocado=str(_stand_ins(tmp_path)), results="r")
+    out = capsys.readouterr().out
+    assert "never started" not in out
+    assert all(run.exit_status in (None, 0) for run in runs)
+    lab_lines = [line for line in out.splitlines() if "job-lab-" in line]
+    assert lab_lines and all(line.startswith("[lab 7.3] JOB LOG") for line in lab_lines)
+    inside = [run for run in runs if run.note == "inside"]
+    assert len(inside) == 1 and "job-lab-" in (inside[0].job_dir or "")
+
+
+def test_with_lab_after_the_host_jobs_the_lab_waits_for_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Run one after the other, each side waits for the other in vain: the host jobs fail
+    # first (exit 3), then the lab, which finds their mark, passes.
+    runs = run_profile(BESIDE, avocado=str(_stand_ins(tmp_path)), results="r",
+                       lab_beside=False)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "host: lab never started" in out
+    assert [run.exit_status for run in runs if run.job.file.startswith("lab ")] == [0]
+    assert not any(line.startswith("[lab") for line in out.splitlines())
