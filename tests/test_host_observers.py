@@ -26,7 +26,13 @@ from orchestrator.host.meminfo import format_delta, parse_meminfo, sample_meminf
 from orchestrator.host.pagemap import decode_entry, pfns
 from orchestrator.host.resources import ResourceSnapshot, leftovers
 from orchestrator.host.settle import converge, settle
-from orchestrator.host.smaps import mapping_at, mapping_rss, mappings_named, parse_smaps
+from orchestrator.host.smaps import (
+    mapped_ranges,
+    mapping_at,
+    mapping_rss,
+    mappings_named,
+    parse_smaps,
+)
 
 MiB = 1 << 20
 KMSG_READABLE = os.access("/dev/kmsg", os.R_OK)
@@ -170,6 +176,25 @@ def test_rss_of_a_real_mapping_counts_touched_pages() -> None:
             del address
     if os.geteuid() == 0:  # PFNs read as 0 without CAP_SYS_ADMIN
         assert all(pfn for pfn in present)
+
+
+def test_maps_ranges_agree_with_smaps_and_filter_by_name() -> None:
+    fd = os.memfd_create("cvmlab-maps-test")
+    try:
+        os.ftruncate(fd, 4 * mmap.PAGESIZE)
+        with mmap.mmap(fd, 4 * mmap.PAGESIZE) as memory:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+            try:
+                named = mapped_ranges(names=("cvmlab-maps-test",))
+                from_smaps = [(e.start, e.end, e.name) for e in mappings_named("cvmlab-maps-test")]
+                everything = mapped_ranges()
+            finally:
+                del address
+    finally:
+        os.close(fd)
+    assert named == from_smaps and len(named) == 1
+    assert named[0][1] - named[0][0] == 4 * mmap.PAGESIZE
+    assert named[0] in everything and len(everything) > len(named)
 
 
 def test_pagemap_entries_decode_present_and_absent() -> None:

@@ -28,10 +28,11 @@ from pathlib import Path
 from orchestrator.bench.core import Budget, Comparison, compare
 from orchestrator.errors import CvmlabError, LabError
 from orchestrator.image.cpio import CpioArchive
+from orchestrator.lab.bytecode import compile_checkout
 from orchestrator.lab.initramfs import BUSYBOX
 from orchestrator.lab.kernels import LabKernel, debian_kernel
 from orchestrator.lab.machine import LabConfig, lab_argv, lab_environment, run_lab
-from orchestrator.profiles import LAB_SPAWNER, LAB_TIMEOUT_FACTOR
+from orchestrator.profiles import LAB_SPAWNER, Job, avocado_argv, get_profile
 from orchestrator.qemu.spawn import spawn
 
 LAB_RATIO_TARGET = 1.5
@@ -123,18 +124,18 @@ def bench_lab_gmem(runs: int, binary: str, progress: Callable[[str], None]) -> B
     """The gmem uAPI suite inside the lab, wall from the lab's exec to its end."""
     kernel = debian_kernel(BENCH_KERNEL, progress=progress)
     avocado = str(Path(sys.executable).with_name("avocado"))
+    compile_checkout(CHECKOUT)  # as `cvmlab lab` does
     wall: list[float] = []
     cpu: list[float] = []
     for i in range(1, runs + 1):
         with tempfile.TemporaryDirectory(prefix="bench-lab-gmem-", dir=CHECKOUT / "results") as out:
-            # As the profiles run it in the lab: the fork spawner, the lab's timeout factor.
-            argv = (
-                *(avocado, "run", "scenarios/gmem_uapi.py", "--job-results-dir", out),
-                *("--spawner", LAB_SPAWNER, "-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"),
-            )
+            # Exactly as `make test` (profile full) runs it in the lab.
+            argv = avocado_argv(get_profile("full"), Job("scenarios/gmem_uapi.py"),
+                                avocado=avocado, results=out, parallel=2, tier=None,
+                                inside_lab=True)  # fmt: skip
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.monotonic()
-            result = run_lab(_config(kernel, argv, binary))
+            result = run_lab(_config(kernel, tuple(argv), binary))
             wall.append(time.monotonic() - start)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu.append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
@@ -143,7 +144,8 @@ def bench_lab_gmem(runs: int, binary: str, progress: Callable[[str], None]) -> B
         progress(f"bench lab-gmem: run {i}/{runs} {wall[-1]:.1f} s")
     return Budget(
         "lab-gmem",
-        f"avocado run scenarios/gmem_uapi.py --spawner {LAB_SPAWNER} inside the lab on "
+        f"avocado run scenarios/gmem_uapi.py --spawner {LAB_SPAWNER} (as profile full runs "
+        f"it) inside the lab on "
         f"{kernel.release} "
         "(boot included; cpu = the outer QEMU's)",
         GMEM_SUITE_BUDGET_S,

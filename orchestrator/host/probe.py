@@ -180,6 +180,13 @@ class _Host:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.params: dict[str, str] = {}
+        self._kernel_log: coco_host.KernelLog | None = None
+
+    def kernel_log(self) -> coco_host.KernelLog:
+        """The kernel log, read once per probe (the TDX and SNP tiers both search it)."""
+        if self._kernel_log is None:
+            self._kernel_log = coco_host.read_kernel_log(self.root)
+        return self._kernel_log
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")
@@ -473,7 +480,7 @@ def _snp_tier(
     sev_snp = host.param("kvm_amd", "sev_snp")
     sev_node, sev_user, sev_access = coco_host.device_access(host.root, "/dev/sev")
     fw_path, fw_evidence = find_firmware("snp", host.root, firmware)
-    state = coco_host.snp_host_state(host.root)
+    state = coco_host.snp_host_state(host.root, host.kernel_log())
     vm_types, kvm_reason = _vm_types(kvm)
     params = {"kvm_amd.sev_snp": sev_snp}
     evidence: dict[str, Any] = {
@@ -538,7 +545,7 @@ def _tdx_tier(
 ) -> Tier:
     tdx = host.param("kvm_intel", "tdx")
     fw_path, fw_evidence = find_firmware("tdx", host.root, firmware)
-    state = coco_host.tdx_host_state(host.root)
+    state = coco_host.tdx_host_state(host.root, host.kernel_log())
     vm_types, kvm_reason = _vm_types(kvm)
     evidence: dict[str, Any] = {
         "kvm_intel.tdx": tdx,

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from orchestrator.host.fdalloc import open_fds
-from orchestrator.host.smaps import smaps
+from orchestrator.host.smaps import mapped_ranges
 
 # Substrings of fd targets and mapping names that count as test resources.
 DEFAULT_MARKERS: tuple[str, ...] = ("kvm", "memfd:", "[pidfd]")
@@ -54,9 +54,9 @@ class ResourceSnapshot:
             if any(marker in target for marker in markers)
         }
         mappings = frozenset(
-            (entry.start, entry.end, entry.name)
-            for entry in smaps(pid, proc)
-            if any(marker in entry.name for marker in markers)
+            (start, end, name)
+            for start, end, name in mapped_ranges(pid, proc, markers)
+            if any(marker in name for marker in markers)
         )
         return cls(pid, fds, mappings, children(pid, proc))
 

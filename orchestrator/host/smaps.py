@@ -84,6 +84,28 @@ def smaps(pid: int | str = "self", proc: str = "/proc") -> list[SmapsEntry]:
         return parse_smaps(handle.read())
 
 
+def mapped_ranges(
+    pid: int | str = "self", proc: str = "/proc", names: tuple[str, ...] = ()
+) -> list[tuple[int, int, str]]:
+    """(start, end, name) of each VMA of `pid` whose name contains one of `names` (all
+    VMAs when `names` is empty), from /proc/<pid>/maps.
+
+    Why not smaps: smaps walks every VMA's page tables and prints ~25 lines per VMA.
+    For a test's H9 snapshot (which needs no sizes) of our own Python process, parsing
+    smaps twice was 1.2 s of a 2.0 s guest_memfd test under TCG in the lab.
+    """
+    found = []
+    with open(f"{proc}/{pid}/maps", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if names and not any(name in line for name in names):
+                continue
+            match = _HEADER.match(line.rstrip("\n"))
+            if match:
+                found.append((int(match["start"], 16), int(match["end"], 16),
+                              match["name"].strip()))  # fmt: skip
+    return found
+
+
 def mapping_at(address: int, pid: int | str = "self", proc: str = "/proc") -> SmapsEntry | None:
     """The VMA of `pid` containing `address`, or None if nothing is mapped there."""
     for entry in smaps(pid, proc):
