@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.lab.fork_server import chooses_fork_spawner
 from orchestrator.lab.fork_spawner import NAME, POLL_INTERVAL, PRELOAD, drain_monitor
-from orchestrator.profiles import LAB_AVOCADO, LAB_SPAWNER
+from orchestrator.profiles import FORK_SPAWNER, LAB_AVOCADO
 
 AVOCADO = str(Path(sys.executable).with_name("avocado"))
 
@@ -77,23 +77,23 @@ def _run_job(tmp_path: Path, spawner: str, avocado: Sequence[str] = (AVOCADO,)) 
 def forked_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """One job under the fork spawner, shared by the tests that read its results."""
     tmp_path = tmp_path_factory.mktemp("forked")
-    return tmp_path, _run_job(tmp_path, LAB_SPAWNER)
+    return tmp_path, _run_job(tmp_path, FORK_SPAWNER)
 
 
-@pytest.mark.parametrize("spawner", [LAB_SPAWNER, "process"])
+@pytest.mark.parametrize("spawner", [FORK_SPAWNER, "process"])
 def test_statuses_match_the_process_spawner(tmp_path: Path, spawner: str) -> None:
     statuses = _run_job(tmp_path, spawner)
     assert statuses["test_fails"] == "FAIL"
     assert statuses["test_cancels"] == "CANCEL"
     assert statuses["test_runs_past_its_timeout"] == "INTERRUPTED"
-    if spawner == LAB_SPAWNER:
+    if spawner == FORK_SPAWNER:
         assert statuses["test_sees_the_preloaded_scenario_layer"] == "PASS"
 
 
 def test_the_lab_launcher_runs_the_same_job_with_the_server_started_first(
     tmp_path: Path, forked_job: tuple[Path, dict[str, str]]
 ) -> None:
-    launched = _run_job(tmp_path, LAB_SPAWNER, (sys.executable, "-m", LAB_AVOCADO))
+    launched = _run_job(tmp_path, FORK_SPAWNER, (sys.executable, "-m", LAB_AVOCADO))
     assert launched == forked_job[1]
 
 
@@ -141,7 +141,7 @@ print(servers)
 
 @pytest.mark.parametrize(
     ("subcommand", "spawner", "servers"),
-    [("run", LAB_SPAWNER, 1), ("run", "process", 0), ("list", LAB_SPAWNER, 0)],
+    [("run", FORK_SPAWNER, 1), ("run", "process", 0), ("list", FORK_SPAWNER, 0)],
 )
 def test_the_server_starts_right_after_parsing_only_for_a_run_with_our_spawner(
     subcommand: str, spawner: str, servers: int
@@ -200,5 +200,5 @@ def test_preload_names_the_spawner_itself_and_polls_slower_than_avocado() -> Non
     # The server unpickles run_runner from this module; avocado polls every 0.01 s.
     assert "orchestrator.lab.fork_spawner" in PRELOAD
     assert POLL_INTERVAL > 0.01
-    assert LAB_SPAWNER == NAME  # the profiles name the spawner the plugin registers
+    assert FORK_SPAWNER == NAME  # the profiles name the spawner the plugin registers
     assert os.path.exists(AVOCADO)

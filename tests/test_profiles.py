@@ -10,8 +10,8 @@ import pytest
 
 from orchestrator.errors import CvmlabError
 from orchestrator.profiles import (
+    FORK_SPAWNER,
     LAB_AVOCADO,
-    LAB_SPAWNER,
     LAB_TIMEOUT_FACTOR,
     REPO,
     Job,
@@ -133,14 +133,19 @@ def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_facto
                         tier=None, inside_lab=True)  # fmt: skip
     assert argv[:5] == [sys.executable, "-m", LAB_AVOCADO, "run", "a.py"] and argv[5] == "c.py"
     assert argv[argv.index("-p") + 1] == f"timeout_factor={LAB_TIMEOUT_FACTOR}"
-    assert argv[argv.index("--spawner") + 1] == LAB_SPAWNER and "--disable-sysinfo" in argv
+    assert argv[argv.index("--spawner") + 1] == FORK_SPAWNER and "--disable-sysinfo" in argv
     # avocado refuses -p with -m: a job with variants gets the factor from its file.
     with_variants = avocado_argv(profile, merged[1], avocado="avocado", results="r",
                                  parallel=2, tier=None, inside_lab=True)  # fmt: skip
-    assert "-p" not in with_variants and LAB_SPAWNER in with_variants
+    assert "-p" not in with_variants and FORK_SPAWNER in with_variants
     on_host = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
                            tier=None)  # fmt: skip
-    assert "--spawner" not in on_host and "--disable-sysinfo" not in on_host
+    # On the host: forked tests too (unless `--spawner process`), and avocado's sysinfo.
+    assert on_host[on_host.index("--spawner") + 1] == FORK_SPAWNER
+    assert "--disable-sysinfo" not in on_host and on_host[0] == "avocado"
+    own = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
+                       tier=None, spawner="process")  # fmt: skip
+    assert "--spawner" not in own
     for job in profile.lab_jobs:
         if job.variants:
             assert "timeout_factor:" in (REPO / job.variants).read_text(), job.variants

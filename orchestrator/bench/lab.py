@@ -32,7 +32,7 @@ from orchestrator.lab.bytecode import compile_checkout
 from orchestrator.lab.initramfs import BUSYBOX
 from orchestrator.lab.kernels import LabKernel, debian_kernel
 from orchestrator.lab.machine import LabConfig, lab_argv, lab_environment, run_lab
-from orchestrator.profiles import LAB_SPAWNER, Job, avocado_argv, get_profile
+from orchestrator.profiles import FORK_SPAWNER, Job, avocado_argv, get_profile
 from orchestrator.qemu.spawn import spawn
 
 LAB_RATIO_TARGET = 1.5
@@ -144,7 +144,7 @@ def bench_lab_gmem(runs: int, binary: str, progress: Callable[[str], None]) -> B
         progress(f"bench lab-gmem: run {i}/{runs} {wall[-1]:.1f} s")
     return Budget(
         "lab-gmem",
-        f"avocado run scenarios/gmem_uapi.py --spawner {LAB_SPAWNER} (as profile full runs "
+        f"avocado run scenarios/gmem_uapi.py --spawner {FORK_SPAWNER} (as profile full runs "
         f"it) inside the lab on "
         f"{kernel.release} "
         "(boot included; cpu = the outer QEMU's)",

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if chooses_fork_spawner(args):
         # avocado's main() points TMP at /var/tmp when no temp dir is set; the forked
         # tests inherit the server's environment, so it gets the same before it starts.
-        if not any(name in os.environ for name in ("TMP", "TEMP", "TMPDIR")):
-            if os.path.exists("/var/tmp"):
-                os.environ["TMP"] = "/var/tmp"
+        unset = not any(name in os.environ for name in ("TMP", "TEMP", "TMPDIR"))
+        if unset and os.path.exists("/var/tmp"):
+            os.environ["TMP"] = "/var/tmp"
         start_server()
     from avocado.core.main import main as avocado_main
 
