@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -252,20 +253,46 @@ def _whole_lines(say: Callable[[str], None]) -> Callable[[str], None]:
     return locked
 
 
+#: The avocado jobs and labs running now (a host job and a lab beside it, at most).
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
 def _streamed(argv: list[str], prefix: str = "") -> tuple[int, str]:
     """Run `argv` in the repository with its stdout passed through; (status, stdout).
 
     In our process group: a Ctrl-C reaches avocado and `cvmlab lab`, which stop
-    their tests and guests in order.
+    their tests and guests in order; a SIGTERM to us is passed on (`stop_running`).
     """
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    output = []
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace")
-        _say_line(prefix + line)
-        output.append(line)
-    return proc.wait(), "".join(output)
+    _RUNNING.add(proc)
+    try:
+        assert proc.stdout is not None
+        output = []
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            _say_line(prefix + line)
+            output.append(line)
+        return proc.wait(), "".join(output)
+    finally:
+        _RUNNING.discard(proc)
+
+
+def stop_running(grace: float = 60.0) -> None:
+    """SIGTERM every job and lab still running, and wait for them to stop.
+
+    avocado stops its tests and `cvmlab lab` its QEMU on SIGTERM; whatever is still
+    there after `grace` seconds is killed.
+    """
+    procs = list(_RUNNING)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def lab_argv(profile: Profile, kernel: str, *, cvmlab: str, results: str, parallel: int,
@@ -449,10 +476,28 @@ def summary(runs: list[JobRun]) -> str:
     return "\n".join(lines)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(args: argparse.Namespace) -> int:
     profile = get_profile(args.name)
     avocado = str(Path(sys.executable).with_name("avocado"))
-    runs = run_profile(
+    # A SIGTERM (a CI job cancelled) stops the avocado jobs and labs we started first.
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        runs = _run_profile_of(args, profile, avocado)
+    finally:
+        stop_running()
+    print()
+    print(summary(runs))
+    if not any(run.exit_status is not None or run.note == "dry run" for run in runs):
+        print(f"profile {profile.name}: no test matched", file=sys.stderr)
+    return 1 if any(run.exit_status not in (None, 0) for run in runs) else 0
+
+
+def _run_profile_of(args: argparse.Namespace, profile: Profile, avocado: str) -> list[JobRun]:
+    return run_profile(
         profile,
         avocado=avocado,
         results=args.results,
@@ -467,11 +512,6 @@ def _run(args: argparse.Namespace) -> int:
         lab_beside=not args.lab_after,
         spawner=args.spawner,
     )
-    print()
-    print(summary(runs))
-    if not any(run.exit_status is not None or run.note == "dry run" for run in runs):
-        print(f"profile {profile.name}: no test matched", file=sys.stderr)
-    return 1 if any(run.exit_status not in (None, 0) for run in runs) else 0
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from orchestrator.profiles import (
     Job,
     Profile,
     ProfileError,
+    _streamed,
     avocado_argv,
     files_with_tests,
     get_profile,
@@ -24,6 +27,7 @@ from orchestrator.profiles import (
     load_profiles,
     merge_jobs,
     run_profile,
+    stop_running,
 )
 
 CVMLAB = [sys.executable, "-m", "orchestrator.cli"]
@@ -293,3 +297,27 @@ def test_with_lab_after_the_host_jobs_the_lab_waits_for_them(
     assert "host: lab never started" in out
     assert [run.exit_status for run in runs if run.job.file.startswith("lab ")] == [0]
     assert not any(line.startswith("[lab") for line in out.splitlines())
+
+
+def test_stop_running_passes_sigterm_to_the_jobs_and_waits_for_them(tmp_path: Path) -> None:
+    # A job that, like avocado and `cvmlab lab`, cleans up on SIGTERM (here: a mark).
+    job = tmp_path / "job"
+    job.write_text(
+        "#!/bin/bash\n"
+        f"trap 'echo cleaned > {tmp_path}/cleaned; exit 143' TERM\n"
+        f"touch {tmp_path}/started\n"
+        f"while :; do read -r -t 0.1 _ <> {tmp_path}/fifo; done\n"
+    )
+    job.chmod(0o755)
+    subprocess.run(["mkfifo", str(tmp_path / "fifo")], check=True)
+    done: list[tuple[int, str]] = []
+    runner = threading.Thread(target=lambda: done.append(_streamed([str(job)])))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline, "the job never started"
+        runner.join(0.05)
+    stop_running(grace=30)
+    runner.join(30)
+    assert done and done[0][0] == 143
+    assert (tmp_path / "cleaned").read_text() == "cleaned\n"
