@@ -182,6 +182,15 @@ def test_a_lab_job_runs_only_on_the_kernels_it_names(tmp_path: Path) -> None:
     assert private.runs_on("sw-protected") and not private.runs_on("7.3")
     argv = lab_argv(full, "sw-protected", cvmlab="cvmlab", results="r", parallel=2, tier=None)
     assert argv[argv.index("--lab-kernel") + 1] == "sw-protected"
+    # Files that make one avocado run: the lab runs avocado itself, no profile runner.
+    direct = lab_argv(full, "sw-protected", cvmlab="cvmlab", results="r", parallel=2,
+                      tier=None, files=[private.file])  # fmt: skip
+    inner = direct[direct.index("--") + 1 :]
+    assert inner[:5] == [sys.executable, "-m", LAB_AVOCADO, "run", private.file]
+    assert inner[inner.index("--spawner") + 1] == FORK_SPAWNER
+    two = lab_argv(full, "7.3", cvmlab="cvmlab", results="r", parallel=2, tier=None,
+                   files=["scenarios/gmem_uapi.py", "scenarios/boot.py"])  # fmt: skip
+    assert "--inside-lab" in two  # two avocado runs (boot has its own variants)
     path = tmp_path / "profiles.yaml"
     (tmp_path / "a.py").write_text("")
     path.write_text(
