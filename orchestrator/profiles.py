@@ -82,6 +82,7 @@ class Profile:
     lab_numa: int = 1  # NUMA nodes of the lab machine (mbind tests need two)
     host_jobs: bool = True  # False: a lab-only profile (kernel qualification)
     merge: bool = False  # host jobs with the same variants in one avocado run (lab: always)
+    parallel: int = 2  # tests at a time in a job (`--parallel` overrides)
 
     def tag_filter(self, tier: str | None = None) -> str | None:
         """One --filter-by-tags value: every tag must hold, `-tag` must not."""
@@ -143,6 +144,9 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
             )
         if bool(lab_jobs) != bool(lab.get("kernels")):
             raise _fail(f"profile {name!r}: a lab needs both kernels and jobs")
+        parallel = spec.get("parallel", 2)
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise _fail(f"profile {name!r}: parallel must be a whole number >= 1, not {parallel!r}")
         profiles[name] = Profile(
             name=str(name),
             description=str(spec.get("description", "")),
@@ -154,6 +158,7 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
             lab_numa=int(lab.get("numa", 1)),
             host_jobs=not bool(lab.get("only", False)),
             merge=bool(spec.get("merge", False)),
+            parallel=parallel,
         )
     for profile in profiles.values():
         for job in (*profile.jobs, *profile.lab_jobs):
@@ -524,7 +529,7 @@ def _run_profile_of(args: argparse.Namespace, profile: Profile, avocado: str) ->
         profile,
         avocado=avocado,
         results=args.results,
-        parallel=args.parallel,
+        parallel=args.parallel or profile.parallel,
         tier=args.tier,
         dry_run=args.dry_run,
         inside_lab=args.inside_lab,
@@ -557,7 +562,10 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--tier", help="only tests tagged tier:TIER (a lab runner's own tier)")
     run.add_argument("--results", default="results", help="avocado job results dir [results]")
     run.add_argument(
-        "--parallel", type=int, default=2, help="guests at a time (TCG is CPU-bound) [2]"
+        "--parallel",
+        type=int,
+        default=None,
+        help="tests at a time per job (TCG is CPU-bound) [the profile's, else 2]",
     )
     run.add_argument("--dry-run", action="store_true", help="print the avocado commands only")
     run.add_argument(

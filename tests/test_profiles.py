@@ -80,6 +80,8 @@ def test_references_come_before_the_variants_file() -> None:
             "unknown jobs",
         ),
         ("jobs: [\n", "cannot be read"),
+        ("jobs: [{file: scenarios/boot.py}]\nprofiles: {p: {parallel: 0}}\n", "parallel must"),
+        ("jobs: [{file: scenarios/boot.py}]\nprofiles: {p: {parallel: two}}\n", "not 'two'"),
     ],
 )
 def test_a_malformed_profiles_file_is_one_clear_error(
@@ -89,6 +91,12 @@ def test_a_malformed_profiles_file_is_one_clear_error(
     path.write_text(text)
     with pytest.raises(CvmlabError, match=problem):
         load_profiles(path)
+
+
+def test_smoke_runs_three_tests_at_a_time_and_the_others_two() -> None:
+    profiles = load_profiles()
+    assert profiles["smoke"].parallel == 3
+    assert {p.parallel for name, p in profiles.items() if name != "smoke"} == {2}
 
 
 def test_an_unknown_profile_names_the_known_ones() -> None:
