@@ -7,8 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cvmlab-installed
 RESULTS := results
-# TCG guests are CPU bound: two at a time on a 2-core machine.
-PARALLEL ?= 2
+# Tests at a time per avocado job: each profile's own (scenarios/profiles.yaml: smoke
+# three, the others two) unless PARALLEL=N is given.
+PARALLEL ?=
+PARALLEL_ARG := $(if $(PARALLEL),--parallel $(PARALLEL),)
 
 .PHONY: smoke test setup host venv image lint unit scenarios scenarios-smoke clean
 
@@ -44,10 +46,10 @@ unit: venv
 # Profiles live in scenarios/profiles.yaml: one avocado job per scenario file,
 # each with its own variants; the exact avocado commands are printed first.
 scenarios-smoke: venv
-	@$(BIN)/cvmlab profile run smoke --results $(RESULTS) --parallel $(PARALLEL)
+	@$(BIN)/cvmlab profile run smoke --results $(RESULTS) $(PARALLEL_ARG)
 
 scenarios: venv
-	@$(BIN)/cvmlab profile run full --results $(RESULTS) --parallel $(PARALLEL)
+	@$(BIN)/cvmlab profile run full --results $(RESULTS) $(PARALLEL_ARG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
