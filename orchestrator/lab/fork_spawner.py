@@ -16,7 +16,9 @@ fresh runner would, minus the import time. Kinds whose runner module is unknown
 fall back to avocado's process spawner.
 
 Select it with `avocado run --spawner cvmlab-fork` (registered as an entry point
-in pyproject.toml); `cvmlab profile run --inside-lab` does. No orphans: the
+in pyproject.toml); `cvmlab profile run` does, on the host and in the lab. The
+server is started by `EarlyStart` (below) right after avocado parses its command
+line, or before avocado is imported (orchestrator.lab.avocado_run). No orphans: the
 server exits when the job does (multiprocessing's alive pipe), and a task is
 terminated like the process spawner terminates its runner: SIGTERM, then SIGKILL.
 """
@@ -51,6 +53,7 @@ FORKED_KINDS = ("avocado-instrumented", "tap", "exec-test")
 #: CPU, so two tests at 100 posts/s each kept the lab's two vCPUs busy with
 #: bookkeeping: a gmem test whose body took 2.6 s took 30-50 s in the job.
 POLL_INTERVAL = 0.2
+
 
 def run_runner(module: str, argv: list[str]) -> None:
     """In the forked child: run avocado's runner `module` as its executable would.
