@@ -53,11 +53,12 @@ from orchestrator.image import (
 )
 from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_verdict
 from orchestrator.invariants.host_log import host_log_verdict
+from orchestrator.invariants.host_memory import SHARED_HOST_COUNTERS
 from orchestrator.invariants.outcome import Raised, decide
 from orchestrator.invariants.teardown import teardown_verdict
 from orchestrator.invariants.verdict import Verdict, VerdictLog, holds, incomplete
-from orchestrator.memory.backing import BackingProbe, BackingSample
-from orchestrator.memory.measured import MeasuredMemory, host_shortfall
+from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
+from orchestrator.memory.measured import MeasuredMemory, host_shortfall, judges_host_counter
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.rules import validate
@@ -526,10 +527,12 @@ class MemoryScenario(MachineScenario):
     wrapper of `orchestrator.memory.measured` (which holds the logic, for pytest and
     `cvmlab repro` too).
 
-    Host-wide meminfo counters move by hundreds of MiB when a guest boots next
-    door, so the whole test, boot included, holds the host lock `meminfo`
-    (other measuring tests wait for it). It also gives the test the backing of
-    `measured_memdev` (`self.backing`, `self.counter`: the host-wide counter
+    QEMU's own backing (fd blocks, mapping Rss) is what H2 judges; the host-wide
+    counter a backend moves is recorded beside it, and judged only for huge pages
+    (HugePages_Free, which only huge-page users move). So only a spec with huge
+    pages holds the host lock `meminfo`, for the whole test, boot included (other
+    huge-page tests wait for it); the others run side by side. The test gets the
+    backing of `measured_memdev` (`self.backing`, `self.counter`: the host-wide counter
     that backend moves), the guest memory helper (`self.helper`) and QEMU's
     memory trace events (`self.trace`), all from `self.memory`, a `MeasuredMemory`.
     The lock is taken once the tiers are known to be present (no queueing only to
@@ -568,11 +571,12 @@ class MemoryScenario(MachineScenario):
         self.memory.start()
 
     def before_launch(self) -> None:
-        """Tiers are present and the spec is valid: now wait for the host to be ours."""
+        """Tiers are present and the spec is valid: now wait for the host's huge pages."""
         short = host_shortfall(self.spec)
         if short:
             self.cancel(short)
-        self.take_host_lock(self.lock_timeout)
+        if judges_host_counter(self.spec):
+            self.take_host_lock(self.lock_timeout)
 
     def stop_observers(self) -> None:
         memory = getattr(self, "memory", None)
@@ -592,7 +596,14 @@ class MemoryScenario(MachineScenario):
         return self.memory.settled_backing(what, window=window, interval=interval, timeout=timeout)
 
     def settled_host(self) -> Settled:
-        """The host-wide counter of this backend, once three readings agree within 2 MiB."""
+        """The host-wide counter of this backend, once three readings agree within 2 MiB.
+
+        A counter every process moves (SHARED_HOST_COUNTERS) is recorded, never judged,
+        and other guests may run beside this test: one reading, not marked settled.
+        """
+        if self.counter in SHARED_HOST_COUNTERS:
+            value = host_meminfo([self.counter])[self.counter]
+            return Settled(value, False, (value,), 0.0)
         return self.memory.settled_host()
 
 

@@ -15,7 +15,12 @@ import pytest
 
 from orchestrator.errors import HostError
 from orchestrator.image import ImageManifest
-from orchestrator.memory.measured import MeasuredMemory, claim_host, host_shortfall
+from orchestrator.memory.measured import (
+    MeasuredMemory,
+    claim_host,
+    host_shortfall,
+    judges_host_counter,
+)
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.spec import KernelBoot, MachineSpec, spec_from_params
@@ -56,6 +61,19 @@ def test_enough_huge_pages_or_none_needed_is_no_shortfall(tmp_path: Path) -> Non
 
 
 @pytest.mark.vm
+def test_only_huge_page_backends_judge_a_host_wide_counter_and_take_the_host_lock() -> None:
+    assert judges_host_counter(hugetlb_spec())
+    vmem_hugetlb = spec_from_params(
+        {"memory": "512M", "virtio_mem_size": "256M", "virtio_mem_backend": "memfd",
+         "virtio_mem_hugetlb": "on"}, boot=BOOT,
+    )  # fmt: skip
+    assert judges_host_counter(vmem_hugetlb)
+    for backend in ({"backend": "memfd"}, {"backend": "anon"},
+                    {"backend": "file", "mem_path": "/dev/shm"}):  # fmt: skip
+        plain = spec_from_params({**backend, "memory": "512M"}, boot=BOOT)
+        assert not judges_host_counter(plain), backend
+
+
 def test_measured_memory_follows_a_real_guest_and_stops_once(
     guest_image: ImageManifest, evidence_dir: Path, qemu_binary: str
 ) -> None:

@@ -37,7 +37,7 @@ from orchestrator.host.hostlock import HostLock
 from orchestrator.host.meminfo import sample_meminfo
 from orchestrator.host.settle import Settled, settle
 from orchestrator.memory.backing import BackingProbe, BackingSample, host_meminfo
-from orchestrator.memory.expectations import hugetlb_shortfall
+from orchestrator.memory.expectations import hugetlb_pages_needed, hugetlb_shortfall
 from orchestrator.qemu.qmp import QmpSession
 from orchestrator.qemu.spec import MachineSpec
 from orchestrator.qemu.trace import TraceCollector, TraceTotals, set_trace_events
@@ -57,6 +57,16 @@ def host_shortfall(spec: MachineSpec, meminfo: str = "/proc/meminfo") -> str | N
     Only hugetlb can be short: tests never reserve huge pages (that changes the host for
     everyone), so a variant that needs more than are free cannot run here."""
     return hugetlb_shortfall(spec, dict(sample_meminfo(meminfo).values))
+
+
+def judges_host_counter(spec: MachineSpec) -> bool:
+    """Whether a memory test of `spec` judges a host-wide counter, so needs the host lock.
+
+    Only huge pages: HugePages_Free moves for nobody but huge-page users, and they all
+    hold the lock. The counters of other backends (AnonPages, Shmem, Cached) move with
+    every process on the host: recorded beside QEMU's own backing, which is the judge.
+    """
+    return hugetlb_pages_needed(spec) > 0
 
 
 def claim_host(spec: MachineSpec, timeout: float, meminfo: str = "/proc/meminfo") -> HostLock:
