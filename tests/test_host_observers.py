@@ -195,6 +195,8 @@ def test_maps_ranges_agree_with_smaps_and_filter_by_name() -> None:
     assert named == from_smaps and len(named) == 1
     assert named[0][1] - named[0][0] == 4 * mmap.PAGESIZE
     assert named[0] in everything and len(everything) > len(named)
+    # Only the name counts: every writable mapping's line holds "rw", no name does here.
+    assert all("rw" in name for _, _, name in mapped_ranges(names=("rw",)))
 
 
 def test_pagemap_entries_decode_present_and_absent() -> None:

@@ -145,8 +145,7 @@ def bench_lab_gmem(runs: int, binary: str, progress: Callable[[str], None]) -> B
     return Budget(
         "lab-gmem",
         f"avocado run scenarios/gmem_uapi.py --spawner {FORK_SPAWNER} (as profile full runs "
-        f"it) inside the lab on "
-        f"{kernel.release} "
+        f"it) inside the lab on {kernel.release} "
         "(boot included; cpu = the outer QEMU's)",
         GMEM_SUITE_BUDGET_S,
         wall,

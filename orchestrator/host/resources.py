@@ -53,11 +53,7 @@ class ResourceSnapshot:
             for fd, target in open_fds(pid, proc).items()
             if any(marker in target for marker in markers)
         }
-        mappings = frozenset(
-            (start, end, name)
-            for start, end, name in mapped_ranges(pid, proc, markers)
-            if any(marker in name for marker in markers)
-        )
+        mappings = frozenset(mapped_ranges(pid, proc, markers))
         return cls(pid, fds, mappings, children(pid, proc))
 
 

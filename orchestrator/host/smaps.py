@@ -99,10 +99,10 @@ def mapped_ranges(
         for line in handle:
             if names and not any(name in line for name in names):
                 continue
-            match = _HEADER.match(line.rstrip("\n"))
-            if match:
-                found.append((int(match["start"], 16), int(match["end"], 16),
-                              match["name"].strip()))  # fmt: skip
+            match = _HEADER.match(line.rstrip("\n"))  # (the line test above is the cheap one)
+            name = match["name"].strip() if match else ""
+            if match and (not names or any(wanted in name for wanted in names)):
+                found.append((int(match["start"], 16), int(match["end"], 16), name))
     return found
 
 
