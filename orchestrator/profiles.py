@@ -187,6 +187,8 @@ FORK_SPAWNER = "cvmlab-fork"  # orchestrator.lab.fork_server.NAME (a layer above
 SPAWNERS = (FORK_SPAWNER, "process")
 #: The module inside the lab that runs avocado's command line (a layer above this one).
 LAB_AVOCADO = "orchestrator.lab.avocado_run"
+#: avocado settings for every job cvmlab runs (plugins it does not need, and why).
+AVOCADO_CONFIG = REPO / "scenarios" / "avocado.conf"
 
 
 def avocado_argv(
@@ -199,14 +201,16 @@ def avocado_argv(
     fork spawner's server before it imports avocado (orchestrator/lab/avocado_run.py).
     """
     command = [sys.executable, "-m", LAB_AVOCADO] if inside_lab else [avocado]
-    argv = [*command, "run", *job.files, "--job-results-dir", results]
+    argv = [*command, "--config", str(AVOCADO_CONFIG), "run", *job.files]
+    argv += ["--job-results-dir", results]
     argv += ["--max-parallel-tasks", str(parallel)]
     if spawner != "process" and not inside_lab:
         argv += ["--spawner", spawner]
     if inside_lab:
         # No job sysinfo in the lab: it describes a throwaway VM (the lab's own
-        # evidence, lab.json, has its kernel and CPU) and costs seconds under TCG.
-        argv += ["--spawner", FORK_SPAWNER, "--disable-sysinfo"]
+        # evidence, lab.json, has its kernel and CPU) and costs seconds under TCG. No
+        # results.html either (2-3 s under TCG): `cvmlab report` renders lab jobs too.
+        argv += ["--spawner", FORK_SPAWNER, "--disable-sysinfo", "--disable-html-job-result"]
     if inside_lab and not job.variants:
         # avocado refuses -p beside a varianter (-m): the lab's variants files carry it.
         argv += ["-p", f"timeout_factor={LAB_TIMEOUT_FACTOR}"]

@@ -12,6 +12,7 @@ import pytest
 
 from orchestrator.errors import CvmlabError
 from orchestrator.profiles import (
+    AVOCADO_CONFIG,
     FORK_SPAWNER,
     LAB_AVOCADO,
     LAB_TIMEOUT_FACTOR,
@@ -117,7 +118,7 @@ def test_dry_run_prints_one_avocado_command_per_job_with_matching_tests() -> Non
         "scenarios/boot.py" in c and "-m scenarios/variants/backends.yaml" in c for c in commands
     )
     assert all("--filter-by-tags=-negative" in c for c in commands)
-    assert len(commands) == len({c.split()[3] for c in commands})  # full does not merge
+    assert len(commands) == len({c.split()[5] for c in commands})  # full does not merge
 
 
 def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> None:
@@ -143,7 +144,9 @@ def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_facto
     profile = load_profiles()["full"]
     argv = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
                         tier=None, inside_lab=True)  # fmt: skip
-    assert argv[:5] == [sys.executable, "-m", LAB_AVOCADO, "run", "a.py"] and argv[5] == "c.py"
+    config = ["--config", str(AVOCADO_CONFIG)]
+    assert argv[:7] == [sys.executable, "-m", LAB_AVOCADO, *config, "run", "a.py"]
+    assert argv[7] == "c.py" and "--disable-html-job-result" in argv
     assert argv[argv.index("-p") + 1] == f"timeout_factor={LAB_TIMEOUT_FACTOR}"
     assert argv[argv.index("--spawner") + 1] == FORK_SPAWNER and "--disable-sysinfo" in argv
     # avocado refuses -p with -m: a job with variants gets the factor from its file.
@@ -154,7 +157,8 @@ def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_facto
                            tier=None)  # fmt: skip
     # On the host: forked tests too (unless `--spawner process`), and avocado's sysinfo.
     assert on_host[on_host.index("--spawner") + 1] == FORK_SPAWNER
-    assert "--disable-sysinfo" not in on_host and on_host[0] == "avocado"
+    assert "--disable-sysinfo" not in on_host and on_host[:3] == ["avocado", *config]
+    assert "--disable-html-job-result" not in on_host
     own = avocado_argv(profile, merged[0], avocado="avocado", results="r", parallel=2,
                        tier=None, spawner="process")  # fmt: skip
     assert "--spawner" not in own
@@ -194,7 +198,8 @@ def test_a_lab_job_runs_only_on_the_kernels_it_names(tmp_path: Path) -> None:
     direct = lab_argv(full, "sw-protected", cvmlab="cvmlab", results="r", parallel=2,
                       tier=None, files=[private.file])  # fmt: skip
     inner = direct[direct.index("--") + 1 :]
-    assert inner[:5] == [sys.executable, "-m", LAB_AVOCADO, "run", private.file]
+    assert inner[:7] == [sys.executable, "-m", LAB_AVOCADO, "--config", str(AVOCADO_CONFIG),
+                         "run", private.file]  # fmt: skip
     assert inner[inner.index("--spawner") + 1] == FORK_SPAWNER
     two = lab_argv(full, "7.3", cvmlab="cvmlab", results="r", parallel=2, tier=None,
                    files=["scenarios/gmem_uapi.py", "scenarios/boot.py"])  # fmt: skip
@@ -338,3 +343,14 @@ def test_stop_running_passes_sigterm_to_the_jobs_and_waits_for_them(tmp_path: Pa
     runner.join(30)
     assert done and done[0][0] == 143
     assert (tmp_path / "cleaned").read_text() == "cleaned\n"
+
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_our_avocado_config_disables_the_per_test_asset_prefetch(with_config: bool) -> None:
+    # avocado's fetchasset parses each test's file before the job; our jobs fetch nothing.
+    config = ["--config", str(AVOCADO_CONFIG)] if with_config else []
+    avocado = str(Path(sys.executable).with_name("avocado"))
+    listed = subprocess.run([avocado, *config, "plugins"], capture_output=True, text=True,
+                            timeout=120, check=True).stdout  # fmt: skip
+    assert ("Fetch assets before the test run" in listed) is not with_config
