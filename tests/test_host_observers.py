@@ -14,15 +14,18 @@ import pytest
 
 from orchestrator.errors import HostError
 from orchestrator.host.baseline import HostBaseline
+from orchestrator.host.coco_host import read_kernel_log
 from orchestrator.host.fdalloc import classify_target, fd_allocation, open_fds
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import (
+    KMSG,
     HostLogWatch,
     KmsgRecord,
     find_signatures,
+    kmsg_message,
     parse_kmsg_record,
 )
-from orchestrator.host.meminfo import format_delta, parse_meminfo, sample_meminfo
+from orchestrator.host.meminfo import format_delta, meminfo_field, parse_meminfo, sample_meminfo
 from orchestrator.host.pagemap import decode_entry, pfns
 from orchestrator.host.resources import ResourceSnapshot, leftovers
 from orchestrator.host.settle import converge, settle
@@ -66,6 +69,18 @@ def test_meminfo_values_are_bytes_and_counts_stay_counts() -> None:
     assert values["Unevictable"] == 12324 * 1024
     assert values["HugePages_Total"] == 0
     assert values["Hugepagesize"] == 2 * MiB
+
+
+def test_one_meminfo_field_reads_as_the_whole_file_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "meminfo"
+    # "SwapCached" before "Cached": a field is found by its whole name.
+    path.write_text("SwapCached: 7 kB\n" + MEMINFO)
+    whole = parse_meminfo(path.read_text())
+    assert {name: meminfo_field(name, str(path)) for name in whole} == whole
+    with pytest.raises(KeyError, match="no 'Bogus'"):
+        meminfo_field("Bogus", str(path))
+    with pytest.raises(KeyError, match="no 'Swap'"):
+        meminfo_field("Swap", str(path))
 
 
 def test_meminfo_rejects_an_unknown_unit() -> None:
@@ -225,6 +240,36 @@ def test_kmsg_record_with_continuation_lines() -> None:
 def test_kmsg_record_from_user_space_has_facility_one() -> None:
     record = parse_kmsg_record("12,5,100,-;cvmlab marker\n")
     assert (record.facility, record.level, record.message) == (1, 4, "cvmlab marker")
+
+
+def test_kmsg_message_is_the_parsed_records_message() -> None:
+    for raw in (
+        "4,1023,12345678,-;WARNING: CPU: 1 PID: 42 at mm/x.c:1 f+0x1/0x2\n SUBSYSTEM=kvm\n",
+        "12,5,100,-;cvmlab marker\n",
+        "6,7,8,-;a message; with a semicolon\n",
+    ):
+        assert kmsg_message(raw) == parse_kmsg_record(raw).message
+
+
+def test_real_kernel_log_lines_are_the_records_messages() -> None:
+    # The probe's fast read of the whole ring buffer against the full parser, same records.
+    try:
+        fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        pytest.skip(f"{KMSG} not readable here: {error.strerror}")
+    messages = []
+    try:
+        while len(messages) < 50:
+            try:
+                messages.append(parse_kmsg_record(os.read(fd, 16384).decode(errors="replace")))
+            except BlockingIOError:
+                break
+    finally:
+        os.close(fd)
+    first = [record.message for record in messages]
+    lines = list(read_kernel_log().lines)
+    # Records may leave the ring buffer between the two reads: skip those.
+    assert first and any(first[k:] == lines[: len(first) - k] for k in range(len(first)))
 
 
 def test_malformed_kmsg_record_is_refused() -> None:

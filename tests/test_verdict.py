@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from orchestrator.invariants.verdict import Tolerance, VerdictLog, holds, not_applicable, within
@@ -43,3 +44,18 @@ def test_log_rewrites_verdicts_json_after_each_verdict(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "verdicts.json").read_text())
     assert [v["status"] for v in record] == ["pass", "not-applicable", "fail"]
     assert [v.invariant for v in log.failures] == ["H8"]
+
+
+def test_log_file_is_the_json_list_of_every_verdict_so_far(tmp_path: Path) -> None:
+    # The file is built from each verdict's text made once; it must read as json.dumps
+    # of the whole list would write it, multi-line summaries and nested evidence included.
+    log = VerdictLog(tmp_path / "verdicts.json")
+    added = [
+        holds("H9", "no fd left\nbehind", True, leftovers=[], nested={"a": [1, {"b": None}]}),
+        within("H2", "Shmem fell", 64, 3, Tolerance(relative=0.1)),
+        not_applicable("H7", "no private memory"),
+    ]
+    for count, verdict in enumerate(added, 1):
+        log.add(verdict)
+        expected = json.dumps([asdict(v) for v in added[:count]], indent=2, default=str)
+        assert (tmp_path / "verdicts.json").read_text() == expected

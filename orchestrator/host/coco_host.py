@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.host.kernel_log import KMSG, parse_kmsg_record
+from orchestrator.host.kernel_log import KMSG, kmsg_message
 
 RECORDED = "recorded.json"  # in a recorded host tree: node ownership, the test user, facts
 DMESG_FILE = "dmesg"  # in a recorded host tree: the kernel log as text
@@ -112,8 +112,7 @@ def read_kernel_log(root: Path = Path("/")) -> KernelLog:
                 continue
             if not raw:
                 break
-            record = parse_kmsg_record(raw.decode(errors="replace"))
-            lines.append(record.message)
+            lines.append(kmsg_message(raw.decode(errors="replace")))
     finally:
         os.close(fd)
     return KernelLog(tuple(lines), KMSG)

@@ -63,8 +63,18 @@ def sample_meminfo(path: str = "/proc/meminfo") -> MeminfoSample:
 
 
 def meminfo_field(name: str, path: str = "/proc/meminfo") -> int:
-    """One counter now, in bytes: a `read` callable for `settle`."""
-    return sample_meminfo(path)[name]
+    """One counter now, in bytes: a `read` callable for `settle`.
+
+    Parses only its own line: settle loops call this every 10-20 ms, and the whole
+    file (about 55 lines) cost 9 ms a call in Python under TCG.
+    """
+    with open(path, encoding="ascii") as handle:
+        text = "\n" + handle.read()
+    start = text.find(f"\n{name}:")  # the newline: "Cached" is not "SwapCached"
+    if start < 0:
+        raise KeyError(f"/proc/meminfo has no {name!r}")
+    end = text.find("\n", start + 1)
+    return parse_meminfo(text[start + 1 : end if end > 0 else None])[name]
 
 
 def format_delta(delta: Mapping[str, int]) -> str:
