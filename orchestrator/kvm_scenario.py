@@ -64,7 +64,8 @@ class KvmScenario(Scenario):
         self._infra = ExitStack()
         self._owned = ExitStack()
         super().setUp()
-        self.facts = kvm_facts()
+        # The probe's facts (measured once per job, see Scenario.setUp), else measured now.
+        self.facts = self.probe.kvm or kvm_facts()
         if not self.facts.usable:
             self.cancel(self.facts.reason)
         try:

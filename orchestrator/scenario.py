@@ -29,6 +29,7 @@ import difflib
 import json
 import os
 import shlex
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,7 +43,7 @@ from orchestrator.host.baseline import TeardownWatch
 from orchestrator.host.confidential import prepare_confidential, required_tiers
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.kernel_log import HostLogWatch
-from orchestrator.host.probe import HostProbe, probe_host
+from orchestrator.host.probe import HostProbe, shared_probe
 from orchestrator.host.settle import Settled
 from orchestrator.image import (
     ImageManifest,
@@ -79,6 +80,18 @@ if TYPE_CHECKING:
     from orchestrator.guest.ssh import GuestShell
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+
+
+def default_qemu_binary() -> str | list[str]:
+    """The QEMU a test runs without a `qemu` parameter: $CVMLAB_QEMU, else DEFAULT_QEMU."""
+    return _qemu_words(os.environ.get("CVMLAB_QEMU", DEFAULT_QEMU))
+
+
+def _qemu_words(value: str) -> str | list[str]:
+    """A path, or an argv prefix split like a shell would (`env QEMU_MODULE_DIR=... ld.so
+    --library-path ... qemu-system-x86_64`, a private build through its loader)."""
+    words = shlex.split(value)
+    return words[0] if len(words) == 1 else words
 # Seconds for the guest's sshd to answer once the readiness marker is seen.
 SSH_UP_TIMEOUT_S = 60.0
 # Parameters avocado itself reads from every test.
@@ -116,9 +129,14 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
         # Baseline of the host kernel log: host-dmesg.txt is everything after it.
         self.host_log = HostLogWatch()
         self.refuse_unknown_cli_params()
-        self.probe = probe_host(self.qemu_binary())
+        shared = shared_probe(self.qemu_binary())
+        self.probe = shared.probe
+        if shared.measured_by != os.getpid():
+            self.log.info("host probe: measured %.1f s ago, before this test was forked, "
+                          "by process %d for every test of the job",
+                          time.time() - shared.measured_at, shared.measured_by)  # fmt: skip
         (self.evidence_dir / "probe.json").write_text(
-            json.dumps(self.probe.to_json(), indent=2, default=str)
+            json.dumps({**self.probe.to_json(), **shared.provenance()}, indent=2, default=str)
         )
         self.require_tiers(*self.tiers)
 
@@ -188,12 +206,10 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
     def qemu_binary(self) -> str | list[str]:
         """The QEMU to run: a path, or an argv prefix (a private build through its loader).
 
-        From the parameter `qemu` or $CVMLAB_QEMU; a value with spaces is split like a
-        shell would (`env QEMU_MODULE_DIR=... ld.so --library-path ... qemu-system-x86_64`).
+        From the parameter `qemu`, else $CVMLAB_QEMU (see `default_qemu_binary`).
         """
-        value = str(self.params.get("qemu", default=os.environ.get("CVMLAB_QEMU", DEFAULT_QEMU)))
-        words = shlex.split(value)
-        return words[0] if len(words) == 1 else words
+        value = self.params.get("qemu", default=None)
+        return default_qemu_binary() if value is None else _qemu_words(str(value))
 
     def refuse_unknown_cli_params(self) -> None:
         """ERROR on a `-p key=value` nobody reads: a typo must not pass silently."""

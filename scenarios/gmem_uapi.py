@@ -124,7 +124,8 @@ class GmemUapi(Scenario):
         self._owned = ExitStack()
         self._finished = False
         super().setUp()
-        self.facts = kvm_facts()
+        # The probe's facts (measured once per job, see Scenario.setUp), else measured now.
+        self.facts = self.probe.kvm or kvm_facts()
         if not self.facts.usable:
             self.cancel(self.facts.reason)
         # Shorter than the test timeout, so a hung holder gives a CANCEL, not an interrupt.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import select
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,10 @@ class Forked(Test):
     def test_sees_the_preloaded_scenario_layer(self):
         # Imported by the server before the fork: not by this test.
         self.assertIn("orchestrator.kvm_scenario", sys.modules)
+        # The host probe was measured once by the server, not by this test.
+        from orchestrator.host.probe import shared_probe
+        from orchestrator.scenario import default_qemu_binary
+        self.assertNotEqual(shared_probe(default_qemu_binary()).measured_by, os.getpid())
         import multiprocessing
         self.assertEqual(multiprocessing.get_start_method(), "fork")
         with open(os.path.join(self.outputdir, "pid"), "w") as f:
@@ -88,6 +93,12 @@ def test_statuses_match_the_process_spawner(tmp_path: Path, spawner: str) -> Non
     assert statuses["test_runs_past_its_timeout"] == "INTERRUPTED"
     if spawner == FORK_SPAWNER:
         assert statuses["test_sees_the_preloaded_scenario_layer"] == "PASS"
+    # avocado's notices about its own deprecated utilities, and asyncio's line for each
+    # event loop, reach every test's log under avocado's spawner; a forked test drops them.
+    (log,) = tmp_path.glob("results/job-*/test-results/*logs_many_lines*/debug.log")
+    text = log.read_text()
+    for noise in ("utility is deprecated", "Using selector"):
+        assert (noise in text) == (spawner == "process"), noise
 
 
 def test_the_lab_launcher_runs_the_same_job_with_the_server_started_first(
@@ -202,3 +213,46 @@ def test_preload_names_the_spawner_itself_and_polls_slower_than_avocado() -> Non
     assert POLL_INTERVAL > 0.01
     assert FORK_SPAWNER == NAME  # the profiles name the spawner the plugin registers
     assert os.path.exists(AVOCADO)
+
+
+AS_FORK = """
+import os, sys
+from multiprocessing import forkserver
+from orchestrator.lab.fork_server import CONTEXT, start_server_as_fork
+
+start_server_as_fork(('json',))
+server = forkserver._forkserver._forkserver_pid
+with open(f"/proc/{server}/stat") as stat:
+    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+same_program = open(f"/proc/{server}/cmdline").read() == open("/proc/self/cmdline").read()
+child = CONTEXT.Process(target=sys.exit, args=(7,))
+child.start()
+child.join(60)
+print(server, parent == os.getpid(), same_program, child.exitcode)
+"""
+
+
+def test_the_launchers_server_is_a_fork_that_serves_and_exits_with_its_client(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", AS_FORK, "marker-argument"],
+        capture_output=True, text=True, timeout=90, check=True,
+    )  # fmt: skip
+    server, forked, same_program, exitcode = done.stdout.split()
+    # A fork of the client (no second interpreter importing avocado), whose children
+    # run and report their exit status; it is gone once its client has exited.
+    assert (forked, same_program, exitcode) == ("True", "True", "7")
+    assert _exits_within(int(server), 10), f"server {server} outlived its client"
+
+
+def _exits_within(pid: int, timeout: float) -> bool:
+    """Whether process `pid` has exited, or does within `timeout` s (its pidfd says)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)

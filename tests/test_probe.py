@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import struct
@@ -31,6 +32,7 @@ from orchestrator.host.probe import (
     find_firmware,
     ovmf_guids,
     probe_host,
+    shared_probe,
 )
 from orchestrator.kvm.facts import KvmFacts
 from orchestrator.qemu.introspect import QemuFacts, introspect_qemu
@@ -495,3 +497,22 @@ def test_cvmlab_probe_with_missing_qemu_prints_one_line_and_exits_2() -> None:
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1
     assert "qemu-system-nowhere" in result.stderr
+
+
+def _measured_by_in_a_fork(binary: str, results: multiprocessing.SimpleQueue[int]) -> None:
+    results.put(shared_probe(binary).measured_by)
+
+
+def test_shared_probe_is_measured_once_and_inherited_by_forks() -> None:
+    binary = "cvmlab-no-such-qemu-for-the-shared-probe"
+    first = shared_probe(binary)
+    assert shared_probe(binary) is first and first.measured_by == os.getpid()
+    assert first.probe.qemu is None and not first.probe.tiers["tcg"].available
+    context = multiprocessing.get_context("fork")
+    results: multiprocessing.SimpleQueue[int] = context.SimpleQueue()
+    child = context.Process(target=_measured_by_in_a_fork, args=(binary, results))
+    child.start()
+    child.join(60)
+    assert results.get() == os.getpid()  # the child read its parent's measurement
+    # Another QEMU is measured for itself.
+    assert shared_probe([binary, "-x"]) is not first

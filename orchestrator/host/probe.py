@@ -795,3 +795,38 @@ def probe_host(
         lab=_lab_facts(_kernel_release(host)),
     )
     return HostProbe(tiers, qemu, kvm, info, time.monotonic() - started, qemu_error)
+
+
+# --- one probe for every test of a job -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedProbe:
+    """A probe and who measured it when: the process itself, or a parent it forked from."""
+
+    probe: HostProbe
+    measured_at: float  # time.time()
+    measured_by: int  # pid
+
+    def provenance(self) -> dict[str, Any]:
+        return {"measured_at": self.measured_at, "measured_by_pid": self.measured_by}
+
+
+_SHARED: dict[tuple[str, ...], SharedProbe] = {}
+
+
+def shared_probe(qemu_binary: str | Sequence[str] = DEFAULT_BINARY) -> SharedProbe:
+    """`probe_host(qemu_binary)`, measured once per process and inherited by its forks.
+
+    Why: every scenario test probes the host in its set-up. The cvmlab-fork spawner's
+    server measures it before it forks any test (orchestrator.lab.fork_warm), so the
+    tests of a job share one measurement, as they share one host: in the lab, 0.4 s of
+    Python under TCG per test. A test in its own process measures it itself.
+    """
+    key = (qemu_binary,) if isinstance(qemu_binary, str) else tuple(qemu_binary)
+    found = _SHARED.get(key)
+    if found is None:
+        found = SharedProbe(probe_host(qemu_binary), time.time(), os.getpid())
+        _SHARED[key] = found
+    return found
+

@@ -1,5 +1,5 @@
 """`python -m orchestrator.lab.avocado_run run ... --spawner cvmlab-fork`: avocado's own
-command line, with the fork server started before avocado is imported.
+command line, with the fork server started before avocado runs (a fork of this process).
 
 Why: in the lab (Python under TCG), `import avocado` takes about 11 s and the fork
 server's preload about as long again. avocado starts its spawner only when the job
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from orchestrator.lab.fork_server import chooses_fork_spawner, start_server
+from orchestrator.lab.fork_server import chooses_fork_spawner, start_server_as_fork
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         unset = not any(name in os.environ for name in ("TMP", "TEMP", "TMPDIR"))
         if unset and os.path.exists("/var/tmp"):
             os.environ["TMP"] = "/var/tmp"
-        start_server()
+        start_server_as_fork(("avocado.core.main",))
     from avocado.core.main import main as avocado_main
 
     sys.argv = ["avocado", *args]

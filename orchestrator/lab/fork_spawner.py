@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -70,6 +71,7 @@ def run_runner(module: str, argv: list[str]) -> None:
     # The child inherits the forkserver start method from its preparation data;
     # avocado's runner would then start a second, empty server for its test.
     multiprocessing.set_start_method("fork", force=True)
+    _quiet_inherited_logs()
     sys.argv = argv
     runner = importlib.import_module(module)
     if hasattr(runner, "RUNNER_RUN_CHECK_INTERVAL"):
@@ -78,6 +80,23 @@ def run_runner(module: str, argv: list[str]) -> None:
     if instrumented is not None:
         instrumented._monitor = staticmethod(drain_monitor)
     runner.main()
+
+
+def _quiet_inherited_logs() -> None:
+    """Drop log lines every forked test would send the job, though none concerns it.
+
+    - avocado's deprecation notices for its own utilities (avocado.utils.process and
+      six more, imported by avocado itself in the server): 7 lines per test, queued at
+      the server's import and flushed by every test it forks.
+    - asyncio's "Using selector" debug line for each event loop avocado makes in a test.
+
+    Each line is a message the job process writes to the test's debug.log, and in the
+    lab (9p, Python under TCG) about 10 ms of the job's CPU: 9 of a test's ~30 lines.
+    """
+    from avocado.utils.deprecation import log_deprecation
+
+    log_deprecation.flush()  # before the test installs its handlers: goes nowhere
+    logging.getLogger("asyncio").setLevel(logging.INFO)
 
 
 def drain_monitor(queue: Any) -> Iterator[dict[str, Any]]:
