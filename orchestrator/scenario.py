@@ -135,9 +135,7 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
             self.log.info("host probe: measured %.1f s ago, before this test was forked, "
                           "by process %d for every test of the job",
                           time.time() - shared.measured_at, shared.measured_by)  # fmt: skip
-        (self.evidence_dir / "probe.json").write_text(
-            json.dumps({**self.probe.to_json(), **shared.provenance()}, indent=2, default=str)
-        )
+        (self.evidence_dir / "probe.json").write_text(shared.json_text)
         self.require_tiers(*self.tiers)
 
     # --- the finish phase: end-of-test invariants, judged before avocado's tearDown ------

@@ -508,6 +508,9 @@ def test_shared_probe_is_measured_once_and_inherited_by_forks() -> None:
     first = shared_probe(binary)
     assert shared_probe(binary) is first and first.measured_by == os.getpid()
     assert first.probe.qemu is None and not first.probe.tiers["tcg"].available
+    record = json.loads(first.json_text)  # what each test writes as probe.json
+    assert record["measured_by_pid"] == os.getpid() and record["measured_at"] > 0
+    assert record["tiers"]["tcg"]["available"] is False
     context = multiprocessing.get_context("fork")
     results: multiprocessing.SimpleQueue[int] = context.SimpleQueue()
     child = context.Process(target=_measured_by_in_a_fork, args=(binary, results))

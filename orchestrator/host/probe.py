@@ -15,6 +15,7 @@ against a real character device; a fake tree's `dev/kvm` is a plain file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -808,8 +809,12 @@ class SharedProbe:
     measured_at: float  # time.time()
     measured_by: int  # pid
 
-    def provenance(self) -> dict[str, Any]:
-        return {"measured_at": self.measured_at, "measured_by_pid": self.measured_by}
+    @functools.cached_property
+    def json_text(self) -> str:
+        """probe.json's text: the probe and its provenance (made once, like the probe)."""
+        record = {**self.probe.to_json(), "measured_at": self.measured_at,
+                  "measured_by_pid": self.measured_by}  # fmt: skip
+        return json.dumps(record, indent=2, default=str)
 
 
 _SHARED: dict[tuple[str, ...], SharedProbe] = {}
