@@ -1,0 +1,67 @@
+"""The lab's `pkg_resources` stand-in answers as setuptools' own does, for what avocado asks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pkg_resources
+import pytest
+
+from orchestrator.lab import entry_points
+
+AVOCADO = "avocado-framework"
+
+
+def _groups() -> list[str]:
+    """Every avocado entry point group any installed distribution declares (ours too)."""
+    found: set[str] = set()
+    for dist in pkg_resources.working_set:
+        found.update(group for group in dist.get_entry_map() if group.startswith("avocado."))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("group", _groups())
+def test_every_entry_point_of_a_group_is_found_alike(group: str) -> None:
+    def listed(module: object) -> list[tuple[str, str]]:
+        return sorted((ep.name, ep.module_name) for ep in module.iter_entry_points(group))  # type: ignore[attr-defined]
+
+    assert listed(entry_points) == listed(pkg_resources)
+    for name, _ in listed(pkg_resources)[:3]:
+        (ours,) = entry_points.iter_entry_points(group, name)
+        (theirs,) = pkg_resources.iter_entry_points(group, name)
+        assert ours.load() is theirs.load()
+
+
+def test_entry_map_distribution_and_resources_are_setuptools_answers() -> None:
+    ours, theirs = entry_points.get_entry_map(AVOCADO), pkg_resources.get_entry_map(AVOCADO)
+    assert {g: sorted(e) for g, e in ours.items()} == {g: sorted(e) for g, e in theirs.items()}
+    dist = entry_points.get_distribution(AVOCADO)
+    real = pkg_resources.get_distribution(AVOCADO)
+    assert (dist.version, dist.location) == (real.version, real.location)
+    assert dist.version == entry_points.AVOCADO_VERSION  # else install() keeps setuptools'
+    for resource in ("libexec", "schemas/runnable-recipe.schema.json"):
+        assert entry_points.resource_filename("avocado", resource) == (
+            pkg_resources.resource_filename("avocado", resource)
+        )
+    with pytest.raises(entry_points.DistributionNotFound):
+        entry_points.get_distribution("cvmlab-no-such-distribution")
+
+
+def test_the_launcher_runs_avocado_on_the_stand_in() -> None:
+    # In a fresh process, as orchestrator.lab.avocado_run does it: avocado imports and
+    # lists its plugins and runners through the stand-in, not setuptools.
+    script = (
+        "import sys\n"
+        "from orchestrator.lab import entry_points\n"
+        "assert entry_points.install() and not entry_points.install()\n"
+        "from avocado.core.main import main\n"
+        "import pkg_resources\n"
+        "assert pkg_resources.iter_entry_points is entry_points.iter_entry_points\n"
+        "sys.argv = ['avocado', 'plugins']\n"
+        "sys.exit(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "cvmlab-fork" in done.stdout and "avocado-instrumented" in done.stdout
