@@ -39,7 +39,7 @@ def test_entry_map_distribution_and_resources_are_setuptools_answers() -> None:
     dist = entry_points.get_distribution(AVOCADO)
     real = pkg_resources.get_distribution(AVOCADO)
     assert (dist.version, dist.location) == (real.version, real.location)
-    assert dist.version == entry_points.AVOCADO_VERSION  # else install() keeps setuptools'
+    assert dist.version.split(".")[0] == entry_points.AVOCADO_MAJOR  # else setuptools' stays
     for resource in ("libexec", "schemas/runnable-recipe.schema.json"):
         assert entry_points.resource_filename("avocado", resource) == (
             pkg_resources.resource_filename("avocado", resource)

@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-#: The avocado release whose calls this module answers; another one keeps setuptools'.
-AVOCADO_VERSION = "113.0"
+#: The avocado major release whose calls this module answers (pyproject pins it); another
+#: one keeps setuptools'.
+AVOCADO_MAJOR = "113"
 
 
 class DistributionNotFound(Exception):
@@ -100,13 +101,13 @@ def resource_filename(package: str, resource: str) -> str:
 def install() -> bool:
     """Make this module `pkg_resources` for this process (and its forks).
 
-    Only before anything imported the real one, and only for AVOCADO_VERSION: True
+    Only before anything imported the real one, and only for AVOCADO_MAJOR: True
     when installed.
     """
     if "pkg_resources" in sys.modules:
         return False
     try:
-        if metadata.version("avocado-framework") != AVOCADO_VERSION:
+        if metadata.version("avocado-framework").split(".")[0] != AVOCADO_MAJOR:
             return False
     except metadata.PackageNotFoundError:
         return False

@@ -14,6 +14,7 @@ import inspect
 import multiprocessing
 import os
 import socket
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,7 +78,8 @@ def start_server_as_fork(shared: Sequence[str]) -> None:
 
     Builds on multiprocessing's own forkserver (its `main()` serves the requests, the
     forkserver context connects to it). Where that module's shape is not the one this
-    was written against (Python 3.11-3.13), falls back to `start_server()`.
+    was written against (Python 3.11's; 3.14 adds an authentication key), or the fork
+    fails, falls back to `start_server()`.
     """
     global _started
     if _started:
@@ -102,7 +104,14 @@ def start_server_as_fork(shared: Sequence[str]) -> None:
     listener.listen()
     # Every client holds the write end; the server exits when the last one closes it.
     alive_r, alive_w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # out of memory or pids: the exec'd server may still start
+        for fd in (alive_r, alive_w):
+            os.close(fd)
+        listener.close()
+        start_server()
+        return
     if pid == 0:  # the server: imports the rest of PRELOAD, then serves
         code = 0
         try:
@@ -112,6 +121,7 @@ def start_server_as_fork(shared: Sequence[str]) -> None:
             pass
         except BaseException:
             code = 1
+            sys.excepthook(*sys.exc_info())  # as an exec'd server would show it
         finally:
             os._exit(code)  # never this process's atexit handlers (avocado's, ours)
     os.close(alive_r)
@@ -123,7 +133,7 @@ def start_server_as_fork(shared: Sequence[str]) -> None:
     _started = True
 
 
-#: forkserver.main's parameters in Python 3.11-3.13 (3.14 adds an authentication key).
+#: forkserver.main's parameters as of Python 3.11.
 _FORKSERVER_MAIN = ["listener_fd", "alive_r", "preload", "main_path", "sys_path"]
 
 
