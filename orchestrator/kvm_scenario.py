@@ -22,7 +22,7 @@ from orchestrator.errors import HostError
 from orchestrator.host.baseline import HostBaseline
 from orchestrator.host.hostlock import HostLock
 from orchestrator.host.meminfo import meminfo_field
-from orchestrator.host.settle import settle
+from orchestrator.host.settle import Settled, settle
 from orchestrator.invariants.gmem_vcpu import errno_is
 from orchestrator.invariants.teardown import counter_return_verdict
 from orchestrator.invariants.verdict import holds
@@ -147,8 +147,7 @@ class KvmScenario(Scenario):
         seen, message = errno_of(call)
         self.check(errno_is("H4", what, expected, seen, message))
 
-    def unevictable(self) -> int:
-        """meminfo Unevictable once it stopped moving (pages reach it through per-CPU batches)."""
-        return settle(
-            lambda: meminfo_field("Unevictable"), tolerance=256 * KiB, interval=0.01
-        ).value
+    def unevictable(self) -> Settled:
+        """meminfo Unevictable once it stopped moving (pages reach it through per-CPU batches);
+        `.ok` False: it never did, and a delta of it cannot be judged."""
+        return settle(lambda: meminfo_field("Unevictable"), tolerance=256 * KiB, interval=0.01)

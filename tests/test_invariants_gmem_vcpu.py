@@ -30,6 +30,10 @@ def test_reads_zero_after_punch_fails_on_stale_data() -> None:
 def test_memory_moved_fails_when_a_punch_frees_nothing() -> None:
     assert gmem_vcpu.memory_moved("H2", "x", -32 * MiB, -32 * MiB, TOL).status == "pass"
     assert gmem_vcpu.memory_moved("H2", "x", -32 * MiB, 0, TOL).failed
+    # A counter still moving is never judged: neither the right nor the wrong delta.
+    for seen in (-32 * MiB, 0):
+        unsettled = gmem_vcpu.memory_moved("H2", "x", -32 * MiB, seen, TOL, settled=False)
+        assert unsettled.status == "incomplete"
 
 
 def test_race_checks_fail_without_a_race_and_on_a_stale_read() -> None:
@@ -107,6 +111,13 @@ def test_pin_checks_fail_on_use_after_free_and_leaks() -> None:
     assert not any(v.failed for v in healthy)
     assert gmem_host.released_only_when_pin_drops(16 * MiB, 16 * MiB, 0, TOL)[0].failed
     assert gmem_host.released_only_when_pin_drops(16 * MiB, 0, 0, TOL)[1].failed  # leaked
+    # Readings that did not settle: that step is incomplete, the other still judged.
+    use_after_free = gmem_host.released_only_when_pin_drops(
+        16 * MiB, 16 * MiB, 16 * MiB, TOL, settled=(False, True)
+    )
+    assert [v.status for v in use_after_free] == ["incomplete", "pass"]
+    leak = gmem_host.released_only_when_pin_drops(16 * MiB, 0, 0, TOL, settled=(True, False))
+    assert [v.status for v in leak] == ["pass", "incomplete"]
 
 
 def test_accounting_checks_fail_on_evictable_or_uncharged_pages() -> None:

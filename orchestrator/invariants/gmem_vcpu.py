@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from orchestrator.invariants.verdict import Tolerance, Verdict, holds, within
+from orchestrator.invariants.verdict import Tolerance, Verdict, holds, incomplete, within
 
 PAGE = 4096
 
@@ -74,13 +74,24 @@ def reads_zero_after_punch(what: str, seen: Sequence[int], old: Sequence[int]) -
 
 
 def memory_moved(
-    invariant: str, what: str, expected: int, seen: int, tolerance: Tolerance, **evidence: Any
+    invariant: str,
+    what: str,
+    expected: int,
+    seen: int,
+    tolerance: Tolerance,
+    settled: bool = True,
+    **evidence: Any,
 ) -> Verdict:
     """H2/H6: a counter moved by `expected` bytes (negative: fell); `seen` is its delta.
 
-    Bug caught: a punch that frees nothing (pages leaked with the mapping), or
-    an allocation not charged where it should be.
+    Judged only when both readings settled (`settled`), else incomplete: a counter
+    still moving could pass or fail by chance. Bug caught: a punch that frees
+    nothing (pages leaked with the mapping), or an allocation not charged where it
+    should be.
     """
+    if not settled:
+        return incomplete(invariant, f"{what}: the counter was still moving, so it cannot "
+                          "be judged", expected=expected, seen=seen, **evidence)  # fmt: skip
     return within(invariant, what, expected, seen, tolerance, unit="bytes", **evidence)
 
 
