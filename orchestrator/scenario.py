@@ -92,6 +92,8 @@ def _qemu_words(value: str) -> str | list[str]:
     --library-path ... qemu-system-x86_64`, a private build through its loader)."""
     words = shlex.split(value)
     return words[0] if len(words) == 1 else words
+
+
 # Seconds for the guest's sshd to answer once the readiness marker is seen.
 SSH_UP_TIMEOUT_S = 60.0
 # Parameters avocado itself reads from every test.

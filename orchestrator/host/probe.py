@@ -834,4 +834,3 @@ def shared_probe(qemu_binary: str | Sequence[str] = DEFAULT_BINARY) -> SharedPro
         found = SharedProbe(probe_host(qemu_binary), time.time(), os.getpid())
         _SHARED[key] = found
     return found
-

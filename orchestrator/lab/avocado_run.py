@@ -1,11 +1,13 @@
 """`python -m orchestrator.lab.avocado_run run ... --spawner cvmlab-fork`: avocado's own
 command line, with the fork server started before avocado runs (a fork of this process).
 
-Why: in the lab (Python under TCG), `import avocado` takes about 11 s and the fork
-server's preload about as long again. avocado starts its spawner only when the job
-runs its suite, so the first test waited for both in turn: 31 s from `avocado run`
-to the first test of a one-test smoke job on 7.3. Started first, the server imports
-on the lab's other vCPU while this process imports avocado, parses and resolves.
+Why: in the lab (Python under TCG), `import avocado` takes seconds and the fork
+server's preload more. avocado starts its spawner only when the job runs its suite,
+so the first test waited for both in turn: 31 s from `avocado run` to the first test
+of a one-test smoke job on 7.3. Here the server is forked right after the imports
+both need (`fork_server.start_server_as_fork`) and imports our layers on the lab's
+other vCPU while this process loads avocado's plugins, parses and resolves; avocado
+finds those plugins through `importlib.metadata` (`entry_points`), not setuptools.
 Everything else is avocado's `main()` with the same arguments: what `cvmlab profile
 run --inside-lab` prints is what runs.
 """
