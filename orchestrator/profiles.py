@@ -197,8 +197,8 @@ def avocado_argv(
 ) -> list[str]:  # fmt: skip
     """The exact avocado command for one job (references before -m: -m takes several files).
 
-    Inside the lab, avocado's command line runs through LAB_AVOCADO, which starts the
-    fork spawner's server before it imports avocado (orchestrator/lab/avocado_run.py).
+    Inside the lab, avocado's command line runs through LAB_AVOCADO, which forks the fork
+    spawner's server after the imports both need (orchestrator/lab/avocado_run.py).
     """
     command = [sys.executable, "-m", LAB_AVOCADO] if inside_lab else [avocado]
     argv = [*command, "--config", str(AVOCADO_CONFIG), "run", *job.files]

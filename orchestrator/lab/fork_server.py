@@ -1,10 +1,11 @@
 """The cvmlab-fork spawner's server: what it preloads, and how it is started.
 
-Kept free of avocado imports, so a process can start the server before it imports
-avocado itself (`orchestrator.lab.avocado_run`): under TCG in the lab, `import
-avocado` alone takes about 11 s, and the server's own imports about as long again;
-started first, the two run side by side on the lab's two vCPUs. The spawner itself
-is `orchestrator.lab.fork_spawner`.
+Two ways to start it: `start_server()` execs multiprocessing's server, which imports
+PRELOAD itself (avocado's `EarlyStart` plugin, on the host); `start_server_as_fork()`
+forks it from a process that is about to run avocado, after the imports both need
+(`orchestrator.lab.avocado_run`, in the lab, where each import of avocado is seconds
+of Python under TCG). Kept free of avocado imports, so that launcher can decide
+before it imports avocado. The spawner itself is `orchestrator.lab.fork_spawner`.
 """
 
 from __future__ import annotations
