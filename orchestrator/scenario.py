@@ -25,12 +25,13 @@ variants file) or given with `-p key=value`; `qemu` names the QEMU binary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import os
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,6 +53,7 @@ from orchestrator.image import (
     load_manifest,
     verify_image,
 )
+from orchestrator.image.pvh import KernelEntry, plain_guest_kernel
 from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_verdict
 from orchestrator.invariants.host_log import host_log_verdict
 from orchestrator.invariants.host_memory import SHARED_HOST_COUNTERS
@@ -277,6 +279,28 @@ class Scenario(Test):  # type: ignore[misc]  # avocado ships no type hints
         return verdict
 
 
+def direct_entry(
+    spec: MachineSpec, image_kernel: Path, entry_for: Callable[[Path], KernelEntry]
+) -> tuple[MachineSpec, KernelEntry | None]:
+    """`spec` booting the ELF kernel `entry_for(image_kernel)` gives, where it boots the
+    image's bzImage as a plain guest; and how the kernel is entered (None: not the image's).
+
+    A plain guest skips the bzImage's decompressor under TCG (orchestrator/image/pvh.py:
+    2.2 s of every cold boot). Confidential guests (their firmware boots the EFI stub),
+    firmware boots and a kernel given with -p kernel= boot exactly as given.
+    """
+    boot = spec.boot
+    if not isinstance(boot, KernelBoot) or boot.kernel != str(image_kernel):
+        return spec, None
+    if spec.confidential is not None or boot.firmware is not None:
+        why = "a confidential guest" if spec.confidential is not None else "a firmware boot"
+        return spec, KernelEntry(image_kernel, False, f"bzImage boot: {why}")
+    entry = entry_for(image_kernel)
+    if not entry.pvh:
+        return spec, entry
+    return dataclasses.replace(spec, boot=dataclasses.replace(boot, kernel=str(entry.path))), entry
+
+
 class MachineScenario(Scenario):
     """A scenario with one guest booted from the default image for each test.
 
@@ -297,6 +321,8 @@ class MachineScenario(Scenario):
     start: StartRecord
     #: Set by `expect_guest_crash()`: the test crashes its guest on purpose and judges it.
     crash_expected: str | None = None
+    #: How the guest's kernel is entered (image.json): set by prepared_spec().
+    kernel_entry: KernelEntry | None = None
 
     def machine_params(self) -> dict[str, Any]:
         """The variant's `machine` subtree, plus known machine keys given with -p."""
@@ -336,6 +362,12 @@ class MachineScenario(Scenario):
             self.cancel(f"this host cannot run the guest: {error}")
         except CvmlabError as error:
             self.error(f"bad machine spec: {error}")
+        return self.entered_directly(spec)
+
+    def entered_directly(self, spec: MachineSpec) -> MachineSpec:
+        """`spec` with the image's ELF kernel entered through PVH where that is sound
+        (`direct_entry`); how, either way, goes to image.json."""
+        spec, self.kernel_entry = direct_entry(spec, Path(self.image.kernel), plain_guest_kernel)
         return spec
 
     def choose_image(self) -> ImageManifest:
@@ -368,17 +400,21 @@ class MachineScenario(Scenario):
             verify_image(self.image)
         except CvmlabError as error:
             self.error(f"guest image: {error}")
-        (self.evidence_dir / "image.json").write_text(
-            json.dumps(
-                {
-                    "directory": str(self.image.directory),
-                    "guest_kernel": self.image.kernel_release,
-                    "cmdline": self.image.cmdline,
-                },
-                indent=2,
+        try:
+            self.spec = self.build_spec()
+        finally:  # a spec that is refused still leaves the guest image in the evidence
+            entry = self.kernel_entry
+            (self.evidence_dir / "image.json").write_text(
+                json.dumps(
+                    {
+                        "directory": str(self.image.directory),
+                        "guest_kernel": self.image.kernel_release,
+                        "cmdline": self.image.cmdline,
+                        "kernel_entry": entry.to_json() if entry is not None else None,
+                    },
+                    indent=2,
+                )
             )
-        )
-        self.spec = self.build_spec()
         self.before_launch()
         # H9's baseline: the runner's fds and children, quiet host counters, before QEMU.
         self.teardown_watch = TeardownWatch(extra_markers=(str(self.evidence_dir),))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import LabError
+from orchestrator.image.pvh import KernelEntry
 from orchestrator.lab.cli import parse_memory
 from orchestrator.lab.initramfs import _early_module_files
 from orchestrator.lab.kernels import LabKernel, _check_request, check_kvm_modules, local_kernel
@@ -66,6 +67,15 @@ def test_the_outer_qemu_is_tcg_with_svm_and_the_hosts_root_read_only(tmp_path: P
     assert fsdevs[0] == "local,id=hostroot,path=/,security_model=none,multidevs=remap,readonly=on"
     assert f"local,id=rw0,path={tmp_path},security_model=none,multidevs=remap" in fsdevs
     assert not [f for f in fsdevs[1:] if "readonly" in f]
+
+
+def test_the_outer_qemu_enters_the_kernel_the_entry_names(tmp_path: Path) -> None:
+    bzimage = lab_argv(config(tmp_path), tmp_path / "initrd", tmp_path / "run")
+    assert option_values(bzimage, "-kernel") == [str(tmp_path / "vmlinuz")]
+    elf = KernelEntry(tmp_path / "k.vmlinux", True, "PVH entry")
+    pvh = lab_argv(config(tmp_path, entry=elf), tmp_path / "initrd", tmp_path / "run")
+    assert option_values(pvh, "-kernel") == [str(elf.path)]
+    assert option_values(pvh, "-initrd") == [str(tmp_path / "initrd")]
 
 
 def test_numa_nodes_split_memory_and_cpus_and_refuse_an_uneven_split(tmp_path: Path) -> None:
@@ -204,8 +214,15 @@ def test_the_commands_status_and_streams_come_back_apart(tmp_path: Path) -> None
     assert "cvmlab-lab: root mounted" in (evidence / "console.log").read_text()
     assert "kvm_amd" in (evidence / "kernel-dmesg.txt").read_text()
     # /init loaded KVM from the initramfs: the runner had nothing left to modprobe.
-    inside = json.loads((evidence / "lab.json").read_text())["inside"]
+    facts = json.loads((evidence / "lab.json").read_text())
+    inside = facts["inside"]
     assert inside["modprobe"] == {"kvm_amd": "ok (initramfs)"}, inside
+    # Entered through PVH: the ELF QEMU got is the one the evidence names.
+    entry = facts["kernel_entry"]
+    assert entry["entry"] == "pvh", entry
+    argv = facts["qemu_argv"]
+    assert argv[argv.index("-kernel") + 1] == entry["kernel"]
+    assert Path(entry["kernel"]).read_bytes()[:4] == b"\x7fELF"
 
 
 @pytest.mark.lab

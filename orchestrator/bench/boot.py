@@ -23,6 +23,7 @@ from pathlib import Path
 from orchestrator.bench.core import Comparison, compare
 from orchestrator.errors import CvmlabError
 from orchestrator.image import ImageManifest, default_image
+from orchestrator.image.pvh import plain_guest_kernel
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.spec import KernelBoot, MachineSpec
@@ -34,7 +35,11 @@ RAW_TIMEOUT_S = 120.0
 def _spec(image: ImageManifest, extra_cmdline: str = "") -> MachineSpec:
     cmdline = " ".join(x for x in (image.cmdline, extra_cmdline) if x)
     return MachineSpec(
-        boot=KernelBoot(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=cmdline)
+        boot=KernelBoot(
+            kernel=str(plain_guest_kernel(image.kernel).path),
+            initrd=str(image.initrd),
+            cmdline=cmdline,
+        )
     )
 
 
@@ -89,5 +94,3 @@ def bench_boot(runs: int, binary: str, progress: Callable[[str], None]) -> Compa
         BOOT_RATIO_TARGET,
         progress,
     )
-
-

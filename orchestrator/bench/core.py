@@ -2,7 +2,10 @@
 
 `compare` runs two cycles alternately so that machine noise (other tenants of a
 shared host) cannot favour one side; `Comparison` holds both series in the same
-unit (wall-clock seconds) and their ratio against a target.
+unit (wall-clock seconds) and their ratio against a target. A comparison may carry
+reference cycles, run in the same rotation and printed with the candidate's ratio to
+each, which the target does not judge (e.g. the lab against a raw boot that enters
+the kernel the way the lab does).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Comparison:
     baseline: list[float]
     candidate: list[float]
     target: float
+    references: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -50,6 +54,12 @@ class Comparison:
             self.candidate_label: self.candidate,
             f"{self.baseline_label}_median_s": statistics.median(self.baseline),
             f"{self.candidate_label}_median_s": statistics.median(self.candidate),
+            **{label: values for label, values in self.references.items()},
+            **{
+                f"{self.candidate_label}_per_{label}": statistics.median(self.candidate)
+                / statistics.median(values)
+                for label, values in self.references.items()
+            },
             "ratio": self.ratio,
             "target": self.target,
             "met": self.ratio <= self.target,
@@ -61,14 +71,17 @@ class Comparison:
             return f"  {label:<13} median {statistics.median(values):6.2f} s   runs: {runs}"
 
         verdict = "met" if self.ratio <= self.target else "MISSED"
-        return "\n".join(
-            [
-                f"bench {self.name}:",
-                row(self.baseline_label, self.baseline),
-                row(self.candidate_label, self.candidate),
-                f"  ratio {self.ratio:.2f}x  (target <= {self.target}x: {verdict})",
-            ]
-        )
+        lines = [
+            f"bench {self.name}:",
+            row(self.baseline_label, self.baseline),
+            *(row(label, values) for label, values in self.references.items()),
+            row(self.candidate_label, self.candidate),
+            f"  ratio {self.ratio:.2f}x  (target <= {self.target}x: {verdict})",
+        ]
+        for label, values in self.references.items():
+            ratio = statistics.median(self.candidate) / statistics.median(values)
+            lines.append(f"  {self.candidate_label} / {label} {ratio:.2f}x  (reference)")
+        return "\n".join(lines)
 
 
 def compare(
@@ -78,12 +91,16 @@ def compare(
     candidate: tuple[str, Callable[[], float]],
     target: float,
     progress: Callable[[str], None],
+    references: tuple[tuple[str, Callable[[], float]], ...] = (),
 ) -> Comparison:
-    """Run the two cycles alternately `runs` times each."""
+    """Run the two cycles (and any references) alternately `runs` times each."""
     result = Comparison(name, baseline[0], candidate[0], [], [], target)
+    for label, _ in references:
+        result.references[label] = []
     for i in range(1, runs + 1):
         for label, cycle, values in (
             (baseline[0], baseline[1], result.baseline),
+            *((label, cycle, result.references[label]) for label, cycle in references),
             (candidate[0], candidate[1], result.candidate),
         ):
             values.append(cycle())

@@ -3,8 +3,11 @@
 Both cycles boot the same kernel under test (default 7.3) with the same outer QEMU
 machine (`orchestrator.lab.machine.lab_argv`: q35, TCG `-cpu max`, same RAM and vCPUs):
 
-- raw: that command line with a two-line initramfs whose /init prints a marker;
-  timed from exec to the marker on the console (the kernel reached init);
+- raw: that command line with a two-line initramfs whose /init prints a marker,
+  `-kernel vmlinuz` (the bzImage, as QEMU users boot it); timed from exec to the
+  marker on the console (the kernel reached init);
+- raw-pvh (reference): the same, with the ELF kernel entered through PVH as the lab
+  enters it (orchestrator/image/pvh.py), so the lab's own overhead shows too;
 - lab: `run_lab` with the command `true`; timed from exec to the runner's marker,
   printed just before the command starts (root mounted over 9p, kvm_amd loaded).
 
@@ -27,7 +30,9 @@ from pathlib import Path
 
 from orchestrator.bench.core import Budget, Comparison, compare
 from orchestrator.errors import CvmlabError, LabError
+from orchestrator.image.builder import cache_root
 from orchestrator.image.cpio import CpioArchive
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.lab.bytecode import compile_checkout
 from orchestrator.lab.initramfs import BUSYBOX
 from orchestrator.lab.kernels import LabKernel, debian_kernel
@@ -59,7 +64,10 @@ def _raw_initrd(directory: Path) -> Path:
     return path
 
 
-def _config(kernel: LabKernel, argv: tuple[str, ...], qemu: str) -> LabConfig:
+def _config(
+    kernel: LabKernel, argv: tuple[str, ...], qemu: str, *, pvh: bool = True
+) -> LabConfig:
+    """The lab's machine as `cvmlab lab` builds it (`pvh`: entered as it enters the kernel)."""
     return LabConfig(
         kernel=kernel,
         argv=argv,
@@ -67,15 +75,17 @@ def _config(kernel: LabKernel, argv: tuple[str, ...], qemu: str) -> LabConfig:
         writable=(CHECKOUT,),
         env=lab_environment(os.environ, kernel, qemu),
         qemu=(qemu,),
+        entry=kernel_entry(kernel.vmlinuz, cache_root()) if pvh else None,
     )
 
 
-def raw_cycle(kernel: LabKernel, qemu: str) -> float:
-    """Seconds from exec to the raw initramfs's marker, on the lab's own machine."""
+def raw_cycle(kernel: LabKernel, qemu: str, *, pvh: bool = False) -> float:
+    """Seconds from exec to the raw initramfs's marker, on the lab's own machine:
+    `-kernel vmlinuz` as QEMU users boot it, or (`pvh`) the ELF kernel as the lab does."""
     with tempfile.TemporaryDirectory(prefix="cvmlab-bench-lab-") as scratch:
         initrd = _raw_initrd(Path(scratch))
         # The same machine as the lab's, minus its 9p shares (the raw boot mounts nothing).
-        argv = lab_argv(_config(kernel, ("true",), qemu), initrd, Path(scratch))
+        argv = lab_argv(_config(kernel, ("true",), qemu, pvh=pvh), initrd, Path(scratch))
         argv = argv[: argv.index("-fsdev")]
         start = time.monotonic()
         proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -117,6 +127,11 @@ def bench_lab(runs: int, binary: str, progress: Callable[[str], None]) -> Compar
         ("lab-to-command", lambda: lab_cycle(kernel, binary)),
         LAB_RATIO_TARGET,
         progress,
+        # The lab enters the kernel through PVH (orchestrator/image/pvh.py), which skips
+        # the bzImage's decompressor: its start is judged against the boot QEMU users
+        # run, and shown against a raw boot entered the same way, so the lab's own
+        # overhead (9p root, KVM modules, runner) is visible too.
+        references=(("raw-pvh-to-init", lambda: raw_cycle(kernel, binary, pvh=True)),),
     )
 
 

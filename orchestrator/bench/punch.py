@@ -30,6 +30,7 @@ from typing import Any
 from orchestrator.errors import MemoryOpError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
 from orchestrator.image import ImageManifest, default_image
+from orchestrator.image.pvh import plain_guest_kernel
 from orchestrator.memory.backing import BackingProbe
 from orchestrator.memory.balloon import (
     balloon_actual,
@@ -157,7 +158,11 @@ def run_backend(
     image: ImageManifest, binary: str, backend: str, runs: int, progress: Callable[[str], None]
 ) -> PunchSeries:
     """Boot one guest on `backend` and time `runs` inflations of INFLATE."""
-    boot = KernelBoot(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=image.cmdline)
+    boot = KernelBoot(
+        kernel=str(plain_guest_kernel(image.kernel).path),
+        initrd=str(image.initrd),
+        cmdline=image.cmdline,
+    )
     spec = spec_from_params({"balloon": "on", **BACKENDS[backend]}, boot=boot)
     series = PunchSeries(backend)
     with tempfile.TemporaryDirectory(prefix="cvmlab-bench-punch-") as evidence, Machine(

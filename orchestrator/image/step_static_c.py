@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ImageError
+from orchestrator.image import elf
 
 if TYPE_CHECKING:  # builder imports this module to register the step: no import cycle
     from orchestrator.image.builder import BuildContext
@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # builder imports this module to register the step: no import
 STEP_KIND = "static-c"
 COMPILER = "gcc"
 FIXED_CFLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
-_PT_INTERP = 3
 _COMPILE_TIMEOUT = 300
 
 
@@ -48,18 +47,12 @@ def static_c_argv(
 
 def is_static_elf(data: bytes) -> bool:
     """True for a 64-bit little-endian ELF with no PT_INTERP header (no dynamic loader)."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if not elf.is_elf64_le(data):
         return False
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for index in range(phnum):
-        start = phoff + index * phentsize
-        if start + 4 > len(data):
-            return False
-        (p_type,) = struct.unpack_from("<I", data, start)
-        if p_type == _PT_INTERP:
-            return False
-    return True
+    try:
+        return all(header.p_type != elf.PT_INTERP for header in elf.program_headers(data))
+    except elf.CutOff:
+        return False
 
 
 def compile_static_c(

@@ -25,6 +25,7 @@ from types import FrameType
 
 from orchestrator.errors import LabError
 from orchestrator.image.builder import cache_root
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.lab.bytecode import compile_checkout
 from orchestrator.lab.kernels import LabKernel, check_kvm_modules, debian_kernel, local_kernel
 from orchestrator.lab.machine import (
@@ -139,6 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
         settings=_settings(args),
         timeout_s=args.timeout,
         qemu=qemu.command,
+        entry=kernel_entry(kernel.vmlinuz, cache_root()),
     )
     result = run_lab(
         config,

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from orchestrator.errors import LabError
 from orchestrator.guest.serial import crash_lines
+from orchestrator.image.pvh import KernelEntry
 from orchestrator.lab import inside
 from orchestrator.lab.initramfs import lab_initrd
 from orchestrator.lab.kernels import LabKernel
@@ -80,6 +81,13 @@ class LabConfig:
     require_kvm: bool = True
     timeout_s: float = DEFAULT_TIMEOUT_S
     qemu: tuple[str, ...] = ("qemu-system-x86_64",)
+    #: How the kernel is entered (orchestrator/image/pvh.py); None: the bzImage as it is.
+    entry: KernelEntry | None = None
+
+    @property
+    def boot_kernel(self) -> Path:
+        """What `-kernel` gets: the PVH ELF unpacked from the kernel's bzImage, or it."""
+        return self.entry.path if self.entry is not None else self.kernel.vmlinuz
 
 
 @dataclass
@@ -94,11 +102,13 @@ class LabResult:
     wall_s: float
     qemu_argv: list[str]
     kernel_dmesg: str = ""
+    entry: KernelEntry | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status,
             "kernel": self.kernel.to_json(),
+            "kernel_entry": self.entry.to_json() if self.entry is not None else None,
             "inside": self.inside,
             "start_to_running_s": self.start_to_running_s,
             "wall_s": self.wall_s,
@@ -129,7 +139,7 @@ def lab_argv(config: LabConfig, initrd: Path, rundir: Path) -> list[str]:
         "-smp", str(config.cpus), "-m", f"{config.memory_mib}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
-        "-kernel", str(config.kernel.vmlinuz), "-initrd", str(initrd),
+        "-kernel", str(config.boot_kernel), "-initrd", str(initrd),
         "-append", KERNEL_CMDLINE,
     ]  # fmt: skip
     if config.numa_nodes > 1:
@@ -357,6 +367,7 @@ def _run(
         wall_s=wall,
         qemu_argv=argv,
         kernel_dmesg=dmesg_file.read_text() if dmesg_file.exists() else "",
+        entry=config.entry,
     )
 
 
