@@ -46,9 +46,13 @@ Progress = Callable[[str], None]
 # tsc=reliable: under a loaded TCG the clocksource watchdog can demote the TSC to HPET,
 # whose every read is an emulated MMIO access; mitigations=off: the lab's kernel is
 # throwaway and its speculation barriers cost emulated instructions on every entry.
+# cryptomgr.notests and three initcalls that run crypto self-tests (jitter-entropy RNG,
+# SP800-108 KDF, encrypted keys): as the guest image's (images/minimal/recipe.yaml), the
+# kernel's crypto is not what the lab qualifies.
 KERNEL_CMDLINE = (
-    "console=ttyS0 panic=-1 loglevel=4 rdinit=/init initcall_blacklist=amd_pstate_init "
-    "tsc=reliable mitigations=off"
+    "console=ttyS0 panic=-1 loglevel=4 rdinit=/init tsc=reliable mitigations=off "
+    "cryptomgr.notests "
+    "initcall_blacklist=amd_pstate_init,jent_mod_init,crypto_kdf108_init,init_encrypted"
 )
 # Modules the runner loads inside (kvm_amd pulls in kvm, ccp, irqbypass).
 LOAD_MODULES = ("kvm_amd",)
