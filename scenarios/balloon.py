@@ -87,10 +87,8 @@ class BalloonScenario(MemoryScenario):
         """The guest touches (almost) all its free memory and frees it again; MiB filled."""
         if mib is None:
             mib = guest_memory(self.guest).mem_available // MiB - FILL_MARGIN_MIB
-        filler = MemHelper(ssh_runner(self.guest), state=FILL_STATE)
-        hold = filler.hold(mib=mib, seed=SEED + 1, lock=False)
-        self.timeline.record("guest", "fill", mib=mib, fill_ms=hold.fill_ms)
-        filler.release()
+        filled = MemHelper(ssh_runner(self.guest)).fill(mib)
+        self.timeline.record("guest", "fill", mib=mib, fill_ms=filled.fill_ms)
         self.timeline.record("guest", "freed", mib=mib)
         return mib
 

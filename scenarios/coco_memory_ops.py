@@ -57,8 +57,6 @@ from orchestrator.units import MiB
 
 INFLATE = 128 * MiB
 FILL_MARGIN_MIB = 64
-FILL_STATE = "/run/cvmlab-fill"
-SEED = 0xC0BA
 LOCK_TIMEOUT = 300.0
 PLUG = 256 * MiB
 UNPLUG = 128 * MiB
@@ -132,9 +130,7 @@ class CocoBalloon(_CocoMemoryScenario):
         try:
             ram = guest_ram_size(qmp)
             mib = guest_memory(self.guest).mem_available // MiB - FILL_MARGIN_MIB
-            filler = MemHelper(ssh_runner(self.guest), state=FILL_STATE)
-            filler.hold(mib=mib, seed=SEED, lock=False)
-            filler.release()
+            MemHelper(ssh_runner(self.guest)).fill(mib)
             self.timeline.record("guest", "filled-and-freed", mib=mib)
 
             unevictable_before = self.unevictable()
@@ -283,10 +279,8 @@ class CocoVirtioMem(_CocoMemoryScenario):
                 **plug.to_json(),
             )
         )
-        filler = MemHelper(ssh_runner(self.guest), state=FILL_STATE)
         mib = guest_memory(self.guest).mem_available // MiB - FILL_MARGIN_MIB
-        filler.hold(mib=mib, seed=SEED, lock=False)
-        filler.release()
+        MemHelper(ssh_runner(self.guest)).fill(mib)
         self.check(
             holds(
                 "G4",

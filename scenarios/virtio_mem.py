@@ -44,7 +44,6 @@ UNPLUG = 128 * MiB
 LOCKED_MIB = 32
 SEED = 0x7E11
 FILL_MARGIN_MIB = 64
-FILL_STATE = "/run/cvmlab-fill"
 
 
 class VirtioMem(MemoryScenario):
@@ -132,11 +131,9 @@ class VirtioMem(MemoryScenario):
         self.log.info("%d of %d locked pages live on the virtio-mem device", on_device,
                       hold.pages)  # fmt: skip
         self.check_buffer("once held")
-        filler = MemHelper(ssh_runner(self.guest), state=FILL_STATE)
         fill = guest_memory(self.guest).mem_available // MiB - FILL_MARGIN_MIB
-        filler.hold(mib=fill, seed=SEED + 1, lock=False)
-        filler.release()
-        self.timeline.record("guest", "fill-and-free", mib=fill)
+        filled = MemHelper(ssh_runner(self.guest)).fill(fill)
+        self.timeline.record("guest", "fill-and-free", mib=fill, fill_ms=filled.fill_ms)
 
         before = self.settled_backing("before unplugging")
         host_before = self.settled_host()

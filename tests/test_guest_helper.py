@@ -236,12 +236,40 @@ def test_verify_without_a_holder_is_an_error(helper: MemHelper) -> None:
         ["verify", "--state", "/tmp/x", "--expect-zero-gpa-ranges", "4096"],
         ["gpas", "--state"],
         ["release", "--state", "/" + "d" * 120],
+        ["fill"],  # no --mib
+        ["fill", "--mib", "0"],
+        ["fill", "--mib", "1", "--seed", "1"],
+        ["fill", "--mib", "1", "--lock"],
     ],
 )
 def test_bad_arguments_are_a_json_einval_with_status_2(binary: Path, args: list[str]) -> None:
     status, reply = run_raw(binary, *args)
     assert status == 2
     assert reply["error"] == "EINVAL" and reply["errno"] == 22 and reply["message"]
+
+
+def test_fill_uses_the_memory_it_reports_and_leaves_nothing_behind(
+    binary: Path, tmp_path: Path
+) -> None:
+    """The child's peak RSS (the kernel's rusage, not the helper's word) covers the fill."""
+    proc = subprocess.Popen([str(binary), "fill", "--mib", "64"], stdout=subprocess.PIPE,
+                            cwd=tmp_path)  # fmt: skip
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, out
+    reply = json.loads(out)
+    assert reply["mib"] == 64 and reply["pages"] == 64 * 1024 * 1024 // PAGE
+    assert reply["fill_ms"] >= 0
+    assert usage.ru_maxrss >= 64 * 1024, usage.ru_maxrss  # KiB
+    assert list(tmp_path.iterdir()) == []  # no state directory, no holder
+
+
+def test_fill_through_the_wrapper_reports_what_it_used(binary: Path) -> None:
+    filled = MemHelper(local_runner, binary=str(binary), timeout=30).fill(8)
+    assert (filled.mib, filled.pages) == (8, 8 * 256)
 
 
 def _state(pid: int) -> str:

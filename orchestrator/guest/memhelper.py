@@ -109,6 +109,15 @@ class HoldReport:
 
 
 @dataclass(frozen=True)
+class FillReport:
+    """The answer to `fill`: memory used once and freed."""
+
+    mib: int
+    pages: int
+    fill_ms: float
+
+
+@dataclass(frozen=True)
 class BadPage:
     page: int
     gpa: int | None
@@ -162,8 +171,9 @@ class MemHelper:
         self.binary = binary
         self.timeout = timeout
 
-    def _call(self, command: str, *args: str) -> dict[str, Any]:
-        argv = [self.binary, command, "--state", self.state, *args,
+    def _call(self, command: str, *args: str, stateful: bool = True) -> dict[str, Any]:
+        state = ["--state", self.state] if stateful else []
+        argv = [self.binary, command, *state, *args,
                 "--timeout", str(int(self.timeout))]  # fmt: skip
         # The outer deadline leaves the helper time to report its own timeout.
         out = self._run(argv, self.timeout + 30)
@@ -259,6 +269,15 @@ class MemHelper:
     def release(self) -> float:
         """Free the buffer; returns once the holder has exited (milliseconds it took)."""
         return float(self._call("release")["wait_ms"])
+
+    def fill(self, mib: int) -> FillReport:
+        """Use `mib` MiB once and free them, in one command and without a holder: the
+        guest (and so its host) backs that much memory, which a balloon or an unplug
+        must then give back. Not for judging content: no pattern is kept."""
+        r = self._call("fill", "--mib", str(mib), stateful=False)
+        return FillReport(
+            mib=int(r["mib"]), pages=int(r["pages"]), fill_ms=float(r["fill_ms"])
+        )
 
 
 class HelperError(GuestError):

@@ -11,6 +11,7 @@
  *                     [--max-list N] [--timeout SEC]
  *   cvmlab-mem gpas --state DIR [--timeout SEC]
  *   cvmlab-mem release --state DIR [--timeout SEC]
+ *   cvmlab-mem fill --mib N [--timeout SEC]
  *
  * Every command prints one JSON object on stdout. Errors are JSON too,
  * {"error": "<errno name>", "errno": n, "message": "..."}, with exit status 2
@@ -31,6 +32,13 @@
  * compaction moved 8 of 16384 locked pages in a 6.12 guest). `gpas` reports what moved
  * since `hold`; `verify` judges against the hold-time GPAs, which are what the host
  * was told. Set the sysctl to 0 when the host acts on those GPAs.
+ *
+ * `fill` makes the guest use N MiB once and frees them (a balloon or an unplug then
+ * has backed pages to give back): no holder, no pattern, no GPAs, one command. It
+ * writes one word per page; the kernel zeroes each page as it faults it in, which is
+ * what backs it on the host, and under TCG that zeroing is most of the cost (THP, 512x
+ * fewer faults, was no faster). Measured in one 512 MiB TCG guest, 340 MiB: `hold` +
+ * `release` 3.8 s, `fill` 3.0 s.
  *
  * The pattern: the 64-bit word at index w of page p is splitmix64 of
  * (seed ^ (p << 20) ^ w). The map is injective, so every word of a buffer is
@@ -305,12 +313,15 @@ static void parse_options(struct options *o, int argc, char **argv, long page_si
 	o->timeout = DEFAULT_TIMEOUT_S;
 	o->max_list = DEFAULT_MAX_LIST;
 	if (argc < 2)
-		usage_error("usage: cvmlab-mem hold|verify|gpas|release --state DIR [options]");
+		usage_error("usage: cvmlab-mem hold|verify|gpas|release|fill [options]");
 	o->command = argv[1];
 	bool is_hold = !strcmp(o->command, "hold");
 	bool is_verify = !strcmp(o->command, "verify");
-	if (!is_hold && !is_verify && strcmp(o->command, "gpas") && strcmp(o->command, "release"))
-		usage_error("unknown command %s: use hold, verify, gpas or release", o->command);
+	bool is_fill = !strcmp(o->command, "fill");
+	if (!is_hold && !is_verify && !is_fill && strcmp(o->command, "gpas") &&
+	    strcmp(o->command, "release"))
+		usage_error("unknown command %s: use hold, verify, gpas, release or fill",
+			    o->command);
 	for (int i = 2; i < argc; i++) {
 		const char *arg = argv[i];
 		const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -326,7 +337,7 @@ static void parse_options(struct options *o, int argc, char **argv, long page_si
 			o->timeout = (double)parse_u64(value, "--timeout");
 			if (o->timeout <= 0)
 				usage_error("--timeout must be at least 1 second");
-		} else if (!strcmp(arg, "--mib") && is_hold) {
+		} else if (!strcmp(arg, "--mib") && (is_hold || is_fill)) {
 			o->mib = parse_u64(value, "--mib");
 			o->have_mib = true;
 		} else if (!strcmp(arg, "--seed") && is_hold) {
@@ -342,6 +353,13 @@ static void parse_options(struct options *o, int argc, char **argv, long page_si
 			usage_error("unknown option %s for %s", arg, o->command);
 		}
 		i++;
+	}
+	if (is_fill) {
+		if (!o->have_mib)
+			usage_error("fill needs --mib N");
+		if (o->mib == 0 || o->mib > MAX_MIB)
+			usage_error("--mib %" PRIu64 " is out of range 1..%u", o->mib, MAX_MIB);
+		return;
 	}
 	if (!o->state)
 		usage_error("%s needs --state DIR", o->command);
@@ -1037,6 +1055,36 @@ static void cmd_release(const struct options *o)
 	print_and_exit(&done, 0);
 }
 
+static void fill_timed_out(int sig)
+{
+	static const char message[] = "{\"error\":\"ETIMEDOUT\",\"errno\":110,"
+				      "\"message\":\"fill did not finish before --timeout\"}\n";
+	(void)sig;
+	write_all(STDOUT_FILENO, message, sizeof(message) - 1);
+	_exit(EXIT_FAIL);
+}
+
+static void cmd_fill(const struct options *o, long page_size)
+{
+	size_t bytes = (size_t)(o->mib << 20);
+	signal(SIGALRM, fill_timed_out);
+	alarm((unsigned)o->timeout);
+	double start = mono_s();
+	char *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (base == MAP_FAILED)
+		die(EXIT_FAIL, errno, "mmap of %" PRIu64 " MiB failed: %s", o->mib, strerror(errno));
+	size_t pages = bytes / (size_t)page_size;
+	for (size_t page = 0; page < pages; page++)
+		*(volatile uint64_t *)(base + page * (size_t)page_size) = page | (1ULL << 63);
+	double fill_s = mono_s() - start;
+	munmap(base, bytes);
+	alarm(0);
+	struct buf out = {0};
+	buf_printf(&out, "{\"mib\":%" PRIu64 ",\"pages\":%zu,\"fill_ms\":%.1f}", o->mib, pages,
+		   fill_s * 1000.0);
+	print_and_exit(&out, 0);
+}
+
 int main(int argc, char **argv)
 {
 	long page_size = sysconf(_SC_PAGESIZE);
@@ -1048,6 +1096,8 @@ int main(int argc, char **argv)
 		cmd_verify(&o);
 	else if (!strcmp(o.command, "gpas"))
 		cmd_gpas(&o);
+	else if (!strcmp(o.command, "fill"))
+		cmd_fill(&o, page_size);
 	else
 		cmd_release(&o);
 	return 0;
