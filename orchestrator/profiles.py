@@ -80,6 +80,7 @@ class Profile:
     lab_jobs: tuple[Job, ...] = ()  # run inside each lab kernel (or those a job names)
     lab_hugepages: int = 0  # 2 MiB pages the lab reserves (its kernel is throwaway)
     lab_numa: int = 1  # NUMA nodes of the lab machine (mbind tests need two)
+    lab_cpus: int | None = None  # the lab machine's vCPUs (None: cvmlab lab's default)
     host_jobs: bool = True  # False: a lab-only profile (kernel qualification)
     merge: bool = False  # host jobs with the same variants in one avocado run (lab: always)
     parallel: int = 2  # tests at a time in a job (`--parallel` overrides)
@@ -145,8 +146,12 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
         if bool(lab_jobs) != bool(lab.get("kernels")):
             raise _fail(f"profile {name!r}: a lab needs both kernels and jobs")
         parallel = spec.get("parallel", 2)
-        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        if not _whole(parallel, 1):
             raise _fail(f"profile {name!r}: parallel must be a whole number >= 1, not {parallel!r}")
+        for key, least in (("hugepages", 0), ("numa", 1), ("cpus", 1)):
+            if key in lab and not _whole(lab[key], least):
+                raise _fail(f"profile {name!r}: lab {key} must be a whole number >= {least}, "
+                            f"not {lab[key]!r}")  # fmt: skip
         profiles[name] = Profile(
             name=str(name),
             description=str(spec.get("description", "")),
@@ -156,6 +161,7 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
             lab_jobs=tuple(lab_jobs),
             lab_hugepages=int(lab.get("hugepages", 0)),
             lab_numa=int(lab.get("numa", 1)),
+            lab_cpus=int(lab["cpus"]) if "cpus" in lab else None,
             host_jobs=not bool(lab.get("only", False)),
             merge=bool(spec.get("merge", False)),
             parallel=parallel,
@@ -166,6 +172,10 @@ def load_profiles(path: Path = PROFILES_FILE, root: Path = REPO) -> dict[str, Pr
                 if file is not None and not (root / file).is_file():
                     raise _fail(f"profile {profile.name!r} names {file}, which does not exist")
     return profiles
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def get_profile(name: str, path: Path = PROFILES_FILE) -> Profile:
@@ -334,6 +344,8 @@ def lab_argv(profile: Profile, kernel: str, *, cvmlab: str, results: str, parall
         lab += ["--hugepages", str(profile.lab_hugepages)]
     if profile.lab_numa > 1:
         lab += ["--numa", str(profile.lab_numa)]
+    if profile.lab_cpus is not None:
+        lab += ["--cpus", str(profile.lab_cpus)]
     return [*lab, "--", *inner]
 
 

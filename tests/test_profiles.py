@@ -83,6 +83,18 @@ def test_references_come_before_the_variants_file() -> None:
         ("jobs: [\n", "cannot be read"),
         ("jobs: [{file: scenarios/boot.py}]\nprofiles: {p: {parallel: 0}}\n", "parallel must"),
         ("jobs: [{file: scenarios/boot.py}]\nprofiles: {p: {parallel: two}}\n", "not 'two'"),
+        (
+            "jobs: [{file: scenarios/boot.py}]\n"
+            "profiles: {p: {lab: {kernels: ['7.3'], jobs: [{file: scenarios/boot.py}],"
+            " cpus: 0}}}\n",
+            "lab cpus must be a whole number >= 1, not 0",
+        ),
+        (
+            "jobs: [{file: scenarios/boot.py}]\n"
+            "profiles: {p: {lab: {kernels: ['7.3'], jobs: [{file: scenarios/boot.py}],"
+            " numa: x}}}\n",
+            "lab numa must be a whole number >= 1, not 'x'",
+        ),
     ],
 )
 def test_a_malformed_profiles_file_is_one_clear_error(
@@ -135,6 +147,14 @@ def test_a_lab_profile_boots_each_kernel_once_and_runs_its_lab_jobs_inside() -> 
                       tier=None, files=["a.py", "b.py"])  # fmt: skip
     assert listed.count("--lab-file") == 2 and "b.py" in listed
     assert profiles["full"].lab_kernels == ("7.3", "sw-protected") and profiles["full"].host_jobs
+    assert "--cpus" not in argv  # cvmlab lab's default machine
+
+
+def test_smoke_boots_its_lab_with_one_vcpu() -> None:
+    smoke = load_profiles()["smoke"]
+    argv = lab_argv(smoke, "7.3", cvmlab="cvmlab", results="results", parallel=3, tier=None)
+    assert argv[argv.index("--cpus") + 1] == "1"
+    assert argv.index("--cpus") < argv.index("--")
 
 
 def test_plain_lab_jobs_merge_into_one_avocado_run_and_get_the_lab_timeout_factor() -> None:
