@@ -66,9 +66,12 @@ class Comparison:
         }
 
     def report(self) -> str:
+        width = max(13, *(len(label) for label in (self.baseline_label, self.candidate_label,
+                                                    *self.references)))  # fmt: skip
+
         def row(label: str, values: list[float]) -> str:
             runs = " ".join(f"{v:.2f}" for v in values)
-            return f"  {label:<13} median {statistics.median(values):6.2f} s   runs: {runs}"
+            return f"  {label:<{width}} median {statistics.median(values):6.2f} s   runs: {runs}"
 
         verdict = "met" if self.ratio <= self.target else "MISSED"
         lines = [
