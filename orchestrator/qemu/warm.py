@@ -198,9 +198,10 @@ def finish_start(machine: Machine, shell: GuestShell, record: StartRecord) -> No
 
 def _sync_clock(shell: GuestShell, record: StartRecord) -> None:
     try:
-        before = shell.run(["date", "+%s"], timeout=20).stdout.strip()
+        # One round trip: read the guest's clock, then set it (the text is our integer).
         host = int(time.time())
-        shell.run(["date", "-u", "-s", f"@{host}"], timeout=20)
+        out = shell.run(f"date +%s && date -u -s @{host}", timeout=20).stdout
+        before = out.split("\n", 1)[0].strip()
         record.notes["clock"] = f"guest clock was {host - int(before)} s behind; set to the host's"
     except (CvmlabError, ValueError) as error:
         record.notes["clock"] = f"guest clock not synced: {error}"
