@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.errors import QmpError
 from orchestrator.image import ImageManifest
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.snapshot import (
+    ResumeError,
     SnapshotCache,
     SnapshotError,
     SnapshotKey,
@@ -30,6 +32,7 @@ from orchestrator.qemu.snapshot import (
     cold_only_reason,
     data_crc,
     private_dir,
+    resume_after_save,
     snapshot_key,
 )
 from orchestrator.qemu.spec import KernelBoot, MachineSpec, SnpGuest
@@ -311,6 +314,65 @@ def test_a_full_disk_while_saving_boots_cold_and_leaves_nothing(
         assert list(cache.root.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# --- resuming the guest after a save ---------------------------------------------------------
+
+
+class _RunStates:
+    """What QEMU answers while it finalizes a migration: `query-status` gives each of
+    `states` in turn, then `cont` succeeds or fails as QEMU's qmp_cont does. The window
+    between MIGRATION `completed` and the end of finish-migrate cannot be held open on a
+    real QEMU, so its answers are replayed (text from QEMU's monitor/qmp-cmds.c)."""
+
+    def __init__(self, states: list[str], cont_error: str | None = None) -> None:
+        self.states = states
+        self.cont_error = cont_error
+        self.calls: list[str] = []
+
+    def execute(self, command: str, arguments: object = None, timeout: float = 10) -> object:
+        self.calls.append(command)
+        if command == "query-status":
+            return {"status": self.states.pop(0) if len(self.states) > 1 else self.states[0]}
+        if command == "cont" and self.cont_error:
+            raise QmpError(f"QMP cont failed: GenericError: {self.cont_error}")
+        return {}
+
+
+def test_resume_waits_until_qemu_has_finalized_the_migration() -> None:
+    qmp = _RunStates(["finish-migrate", "finish-migrate", "postmigrate"])
+    resume_after_save(qmp)  # type: ignore[arg-type]
+    assert qmp.calls == ["query-status"] * 3 + ["cont"]
+
+
+def test_a_cont_qemu_refuses_is_a_resume_error() -> None:
+    qmp = _RunStates(["postmigrate"], cont_error="Resetting the Virtual Machine is required")
+    with pytest.raises(ResumeError, match="could not be resumed after its snapshot"):
+        resume_after_save(qmp)  # type: ignore[arg-type]
+
+
+def test_qemu_stuck_in_finish_migrate_is_a_resume_error_at_the_deadline() -> None:
+    qmp = _RunStates(["finish-migrate"])
+    with pytest.raises(ResumeError, match="stayed in finish-migrate"):
+        resume_after_save(qmp, timeout=0.05)  # type: ignore[arg-type]
+    assert "cont" not in qmp.calls
+
+
+@pytest.mark.vm
+def test_a_guest_that_cannot_be_resumed_after_its_save_errors_and_is_stopped(
+    guest_image: ImageManifest, tmp_path: Path, spawned: list[Machine],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Before the fix the paused guest was kept and the test waited 60 s for SSH."""
+
+    def save_then_stay_paused(qmp, *_args, **_kwargs):  # type: ignore[no-untyped-def]
+        qmp.execute("stop")
+        raise ResumeError("the guest could not be resumed after its snapshot: test", "")
+
+    monkeypatch.setattr("orchestrator.qemu.warm.save", save_then_stay_paused)
+    with pytest.raises(ResumeError):
+        _start(guest_image, tmp_path / "run", SnapshotCache(tmp_path / "snapshots"))
+    assert len(spawned) == 1  # the fixture asserts it is not running
 
 
 # --- the evidence: report and repro know the start ------------------------------------------

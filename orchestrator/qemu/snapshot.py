@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.errors import CvmlabError, QmpError
+from orchestrator.errors import CvmlabError, QemuError, QmpError
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.qmp import QmpSession
 from orchestrator.qemu.spec import MachineSpec
@@ -81,6 +81,11 @@ StartMode = Literal["cold", "warm"]
 
 class SnapshotError(CvmlabError):
     """A snapshot cannot be used or saved; the guest boots cold and the reason is recorded."""
+
+
+class ResumeError(QemuError):
+    """The guest could not be resumed after its snapshot was taken: it stays paused, so
+    the test cannot go on (unlike a failed save, which only costs later tests a boot)."""
 
 
 # --- the start record: what the evidence says about how the guest started ------------
@@ -489,6 +494,37 @@ def _wait_migration(qmp: QmpSession, mark: int, timeout: float) -> None:
         raise SnapshotError(f"QEMU's migration {status}: {desc or 'no reason given'}")
 
 
+#: How long QEMU may take to leave `finish-migrate` after MIGRATION completed.
+FINALIZE_TIMEOUT = 30.0
+_FINALIZE_POLL_S = 0.01
+
+
+def resume_after_save(qmp: QmpSession, timeout: float = FINALIZE_TIMEOUT) -> None:
+    """`cont` the guest a save paused, once QEMU has finalized the migration.
+
+    QEMU sends MIGRATION `completed` from the migration thread and leaves the
+    `finish-migrate` run state later, in its main loop; a `cont` in between fails with
+    "Migration is not finalized yet" (seen under load in `make test`, the guest left
+    paused). No event marks that transition, so the run state is polled, with a
+    deadline. ResumeError when the guest cannot be resumed.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        while qmp.execute("query-status").get("status") == "finish-migrate":
+            if time.monotonic() > deadline:
+                raise ResumeError(
+                    f"QEMU stayed in finish-migrate {timeout:.0f} s after the snapshot's "
+                    "migration completed; the guest is paused",
+                    "see qmp.jsonl; a QEMU this slow to finalize is worth a bug report",
+                )
+            time.sleep(_FINALIZE_POLL_S)
+        qmp.execute("cont")
+    except QmpError as error:
+        raise ResumeError(
+            f"the guest could not be resumed after its snapshot: {error}", "see qmp.jsonl"
+        ) from None
+
+
 def save(
     qmp: QmpSession, cache: SnapshotCache, key: SnapshotKey, extra: dict[str, Any]
 ) -> Snapshot | None:
@@ -496,7 +532,8 @@ def save(
 
     The guest is paused for the save (about a second) and resumed whatever happens.
     Returns the snapshot, None when another test saved the same key first; raises
-    SnapshotError (nothing left behind) when the save fails, e.g. on a full disk.
+    SnapshotError (nothing left behind) when the save fails, e.g. on a full disk, and
+    ResumeError when the guest cannot run on (`resume_after_save`).
     """
     data_path = cache.new_data_path(key)
     try:
@@ -507,7 +544,7 @@ def save(
             qmp.execute("migrate", {"uri": f"file:{data_path}"})
             _wait_migration(qmp, mark, SAVE_TIMEOUT)
         finally:
-            qmp.execute("cont")
+            resume_after_save(qmp)
             qmp.execute("migrate-set-capabilities", _capabilities(False))
     except BaseException:
         with contextlib.suppress(OSError):

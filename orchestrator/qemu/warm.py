@@ -128,7 +128,11 @@ def start_guest(
             return warm, record
     record = StartRecord("cold", reason or "no snapshot of this machine yet", key=key.digest)
     cold, record = _cold(machine(extra_args=WARM_DEVICE_ARGS), record, boot_timeout, timeline)
-    _save(cold, cache, key, record, timeline)
+    try:
+        _save(cold, cache, key, record, timeline)
+    except BaseException:  # ResumeError: the guest stays paused, nothing can use it
+        cold.kill()
+        raise
     return cold, record
 
 
@@ -153,7 +157,8 @@ def _save(
     record: StartRecord,
     timeline: Timeline | None,
 ) -> None:
-    """Save the just-booted guest for later tests; a failure is recorded, never raised."""
+    """Save the just-booted guest for later tests; a failed save is recorded, not raised
+    (a guest that cannot be resumed after it is: ResumeError)."""
     started = now()
     try:
         snapshot = save(machine.qmp, cache, key, {"saved_by": str(machine.evidence_dir)})
