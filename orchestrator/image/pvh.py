@@ -11,7 +11,7 @@ same; only the bzImage's own boot path (setup code and decompressor) is not run.
 
 The payload is found from the boot protocol's header (Documentation/arch/x86/boot.rst:
 `payload_offset` and `payload_length`, protocol >= 2.08), decompressed by its format's
-magic, checked to be an x86-64 ELF with the PVH note, and cached next to nothing else:
+magic, checked to be an x86-64 ELF with the PVH note, and cached as
 `<cache>/pvh/<key>.vmlinux`, keyed by the bzImage's resolved path, size and mtime (not
 its content: hashing 11 MB per test costs seconds under TCG in the lab; the cache is
 shared with the lab over 9p, which keeps paths, sizes and mtimes). Anything unusual is
