@@ -29,6 +29,7 @@ from orchestrator.cli import main
 from orchestrator.errors import ImageError
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.image import ImageManifest, load_manifest
+from orchestrator.image.pvh import plain_guest_kernel
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.spec import KernelBoot, MachineSpec
 from orchestrator.repro import (
@@ -283,6 +284,28 @@ def test_changed_boot_file_outside_an_image_is_refused_naming_it(
     boot_files[1].write_bytes(b"initrd, rebuilt")
     with pytest.raises(ImageError, match=f"boot file {boot_files[1]} changed since the test ran"):
         bundle.verify()
+
+
+def test_a_pvh_kernel_cleaned_from_the_cache_is_unpacked_again_for_the_reproducer(
+    tmp_path: Path, guest_image: ImageManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    entry = plain_guest_kernel(guest_image.kernel)
+    assert entry.pvh, entry.reason
+    evidence = tmp_path / "data"
+    evidence.mkdir()
+    write_jsonl(evidence / "qmp.jsonl", QMP)
+    write_jsonl(evidence / "timeline.jsonl", TIMELINE)
+    spec = kernel_spec(entry.path, guest_image.initrd)
+    path = write_repro_bundle(
+        evidence, test_id="1-x.py:X.test", status="FAIL", fail_reason="boom", spec=spec,
+        qemu_command=argv_of(spec), image=guest_image, seed=1, end=15.9,
+    )  # fmt: skip
+    bundle = load_repro_bundle(path)
+    assert str(entry.path) in bundle.files  # outside the image: hashed into the bundle
+    entry.path.unlink()
+    bundle.verify()
+    assert entry.path.is_file()
 
 
 def test_step_number_beyond_the_bundle_is_refused_before_any_launch(
