@@ -51,9 +51,10 @@ from orchestrator.image import (
     build_image,
     default_image,
     load_manifest,
+    pvh,
     verify_image,
 )
-from orchestrator.image.pvh import KernelEntry, plain_guest_kernel
+from orchestrator.image.pvh import KernelEntry
 from orchestrator.invariants.guest_health import guest_crash_verdict, guest_log_verdict
 from orchestrator.invariants.host_log import host_log_verdict
 from orchestrator.invariants.host_memory import SHARED_HOST_COUNTERS
@@ -367,7 +368,7 @@ class MachineScenario(Scenario):
     def entered_directly(self, spec: MachineSpec) -> MachineSpec:
         """`spec` with the image's ELF kernel entered through PVH where that is sound
         (`direct_entry`); how, either way, goes to image.json."""
-        spec, self.kernel_entry = direct_entry(spec, Path(self.image.kernel), plain_guest_kernel)
+        spec, self.kernel_entry = direct_entry(spec, Path(self.image.kernel), pvh.kernel_entry)
         return spec
 
     def choose_image(self) -> ImageManifest:

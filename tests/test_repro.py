@@ -29,7 +29,7 @@ from orchestrator.cli import main
 from orchestrator.errors import ImageError
 from orchestrator.guest.ssh import GuestShell
 from orchestrator.image import ImageManifest, load_manifest
-from orchestrator.image.pvh import plain_guest_kernel
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.spec import KernelBoot, MachineSpec
 from orchestrator.repro import (
@@ -290,7 +290,7 @@ def test_a_pvh_kernel_cleaned_from_the_cache_is_unpacked_again_for_the_reproduce
     tmp_path: Path, guest_image: ImageManifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    entry = plain_guest_kernel(guest_image.kernel)
+    entry = kernel_entry(guest_image.kernel)
     assert entry.pvh, entry.reason
     evidence = tmp_path / "data"
     evidence.mkdir()

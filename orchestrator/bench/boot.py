@@ -23,7 +23,7 @@ from pathlib import Path
 from orchestrator.bench.core import Comparison, compare
 from orchestrator.errors import CvmlabError
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import plain_guest_kernel
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.spec import KernelBoot, MachineSpec
@@ -36,7 +36,7 @@ def _spec(image: ImageManifest, extra_cmdline: str = "") -> MachineSpec:
     cmdline = " ".join(x for x in (image.cmdline, extra_cmdline) if x)
     return MachineSpec(
         boot=KernelBoot(
-            kernel=str(plain_guest_kernel(image.kernel).path),
+            kernel=str(kernel_entry(image.kernel).path),
             initrd=str(image.initrd),
             cmdline=cmdline,
         )

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from orchestrator.bench.core import Budget, Comparison, compare
 from orchestrator.errors import CvmlabError, LabError
-from orchestrator.image.builder import cache_root
 from orchestrator.image.cpio import CpioArchive
 from orchestrator.image.pvh import kernel_entry
 from orchestrator.lab.bytecode import compile_checkout
@@ -75,7 +74,7 @@ def _config(
         writable=(CHECKOUT,),
         env=lab_environment(os.environ, kernel, qemu),
         qemu=(qemu,),
-        entry=kernel_entry(kernel.vmlinuz, cache_root()) if pvh else None,
+        entry=kernel_entry(kernel.vmlinuz) if pvh else None,
     )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from orchestrator.errors import MemoryOpError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import plain_guest_kernel
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.memory.backing import BackingProbe
 from orchestrator.memory.balloon import (
     balloon_actual,
@@ -159,7 +159,7 @@ def run_backend(
 ) -> PunchSeries:
     """Boot one guest on `backend` and time `runs` inflations of INFLATE."""
     boot = KernelBoot(
-        kernel=str(plain_guest_kernel(image.kernel).path),
+        kernel=str(kernel_entry(image.kernel).path),
         initrd=str(image.initrd),
         cmdline=image.cmdline,
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from orchestrator.bench.core import Comparison, compare
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import plain_guest_kernel
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.launcher import Machine
 from orchestrator.qemu.spec import KernelBoot, MachineSpec
 from orchestrator.repro.bundle import load_repro_bundle, write_repro_bundle
@@ -35,7 +35,7 @@ REPRO_RATIO_TARGET = 1.2
 def _spec(image: ImageManifest) -> MachineSpec:
     return MachineSpec(
         boot=KernelBoot(
-            kernel=str(plain_guest_kernel(image.kernel).path),
+            kernel=str(kernel_entry(image.kernel).path),
             initrd=str(image.initrd),
             cmdline=image.cmdline,
         )

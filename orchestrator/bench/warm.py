@@ -24,7 +24,7 @@ from pathlib import Path
 from orchestrator.bench.core import Comparison, compare
 from orchestrator.errors import CvmlabError
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import plain_guest_kernel
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.introspect import introspect_qemu
 from orchestrator.qemu.snapshot import SnapshotCache
 from orchestrator.qemu.spec import KernelBoot, MachineSpec, MemfdBackend
@@ -36,7 +36,7 @@ WARM_RATIO_TARGET = 0.15
 
 def _spec(image: ImageManifest) -> MachineSpec:
     boot = KernelBoot(
-        kernel=str(plain_guest_kernel(image.kernel).path),
+        kernel=str(kernel_entry(image.kernel).path),
         initrd=str(image.initrd),
         cmdline=image.cmdline,
     )

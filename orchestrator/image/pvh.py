@@ -148,9 +148,14 @@ def _cache_key(vmlinuz: Path) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
 
 
-def kernel_entry(vmlinuz: Path, cache: Path) -> KernelEntry:
-    """How to boot `vmlinux`: its PVH ELF (extracted once into `cache`/pvh) or the
-    bzImage itself, with the reason either way."""
+def kernel_entry(vmlinuz: Path, cache: Path | None = None) -> KernelEntry:
+    """How to boot `vmlinuz`: its PVH ELF (unpacked once into `cache`/pvh; by default
+    cvmlab's cache, shared with the lab) or the bzImage itself, with the reason either
+    way."""
+    if cache is None:
+        from orchestrator.image.builder import cache_root
+
+        cache = cache_root()
     if os.environ.get(ENV, "").strip().lower() == "bzimage":
         return KernelEntry(vmlinuz, False, f"{ENV}=bzimage")
     try:
@@ -183,10 +188,3 @@ def kernel_entry(vmlinuz: Path, cache: Path) -> KernelEntry:
         return KernelEntry(vmlinuz, False, f"bzImage boot: cannot cache the ELF kernel: {err}")
     return KernelEntry(target, True, reason)
 
-
-def plain_guest_kernel(image_kernel: Path) -> KernelEntry:
-    """How a plain (not confidential) guest of an image enters its kernel, cached in
-    cvmlab's cache (shared with the lab)."""
-    from orchestrator.image.builder import cache_root
-
-    return kernel_entry(image_kernel, cache_root())

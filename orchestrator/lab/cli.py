@@ -140,7 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
         settings=_settings(args),
         timeout_s=args.timeout,
         qemu=qemu.command,
-        entry=kernel_entry(kernel.vmlinuz, cache_root()),
+        entry=kernel_entry(kernel.vmlinuz),
     )
     result = run_lab(
         config,

@@ -35,7 +35,7 @@ from orchestrator import __version__
 from orchestrator.errors import CvmlabError, ImageError, SpecError
 from orchestrator.image import ImageManifest, verify_image
 from orchestrator.image.debian import sha256_file
-from orchestrator.image.pvh import plain_guest_kernel
+from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.spec import DiskBoot, KernelBoot, MachineSpec, spec_from_json, spec_to_json
 from orchestrator.repro.steps import Step, extract_steps, read_jsonl
 from orchestrator.timeline import now
@@ -106,7 +106,7 @@ class ReproBundle:
                 # The ELF kernel a plain guest enters is unpacked from the image's bzImage
                 # into the cache (image/pvh.py): one cleaned since is unpacked again, to the
                 # same bytes, which the hash below then checks.
-                plain_guest_kernel(Path(self.image.kernel))
+                kernel_entry(Path(self.image.kernel))
             try:
                 actual = sha256_file(Path(name))
             except FileNotFoundError:
