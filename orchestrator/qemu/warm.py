@@ -201,12 +201,22 @@ def finish_start(machine: Machine, shell: GuestShell, record: StartRecord) -> No
     machine.mark_ready("snapshot")
 
 
+#: Read the guest's clock with a shell builtin, then exec date to set it: one round
+#: trip and one program. It is the restored guest's first command, so everything it
+#: runs is translated afresh by TCG: `date +%s && date -s` (two forks, and date's
+#: formatting of the new time) took 0.19 s there against 0.14 s (median of 5).
+_CLOCK_COMMAND = "echo $EPOCHSECONDS; exec date -u -s @{host} >/dev/null"
+
+
 def _sync_clock(shell: GuestShell, record: StartRecord) -> None:
     try:
-        # One round trip: read the guest's clock, then set it (the text is our integer).
-        host = int(time.time())
-        out = shell.run(f"date +%s && date -u -s @{host}", timeout=20).stdout
-        before = out.split("\n", 1)[0].strip()
-        record.notes["clock"] = f"guest clock was {host - int(before)} s behind; set to the host's"
-    except (CvmlabError, ValueError) as error:
+        host = int(time.time())  # the text is our integer
+        out = shell.run(_CLOCK_COMMAND.format(host=host), timeout=20).stdout
+    except CvmlabError as error:
         record.notes["clock"] = f"guest clock not synced: {error}"
+        return
+    before = out.split("\n", 1)[0].strip()
+    if before.isdigit():
+        record.notes["clock"] = f"guest clock was {host - int(before)} s behind; set to the host's"
+    else:  # a shell without EPOCHSECONDS: the clock was still set
+        record.notes["clock"] = "guest clock set to the host's (its shell could not read it)"
