@@ -15,6 +15,9 @@ plugged at boot, hot-added memory onlined movable):
 
 Backends of the virtio-mem memdev (scenarios/variants/virtio_mem.yaml): anon, memfd,
 memfd with hugetlb (CANCEL without enough free huge pages on the host) and file.
+Without a `virtio_mem_backend` of its own, the device's memory is of the guest RAM's
+kind (its backend keys, mirrored): that is how `make smoke` runs it on smoke.yaml's
+shared memfd, in the same avocado job as the other scenarios.
 
     avocado run scenarios/virtio_mem.py -m scenarios/variants/virtio_mem.yaml
 """
@@ -36,6 +39,7 @@ from orchestrator.memory.expectations import expect_discard, expected_host_move
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.virtio_mem import ResizeResult, resize, virtio_mem_device
 from orchestrator.qemu.argv import VMEM_BACKEND_ID
+from orchestrator.qemu.spec import virtio_mem_follows_ram
 from orchestrator.scenario import MemoryScenario
 from orchestrator.units import MiB, kib
 
@@ -63,6 +67,9 @@ class VirtioMem(MemoryScenario):
         # Hot-added memory goes online into ZONE_MOVABLE, so unplug can always migrate.
         "cmdline": "memhp_default_state=online_movable",
     }
+
+    def machine_params(self) -> dict[str, Any]:
+        return virtio_mem_follows_ram(super().machine_params())
 
     # --- steps ----------------------------------------------------------------------------
 

@@ -256,11 +256,12 @@ def test_smoke_runs_each_layer_once_in_few_avocado_jobs() -> None:
     assert len([f for f in files if f.endswith(".py")]) > len(commands)
     boot = next(c for c in commands if "scenarios/boot.py" in c)
     assert "scenarios/host_punch.py" in boot and "-m scenarios/variants/smoke.yaml" in boot
-    # Every scenario that can share smoke.yaml does, the balloon's long test first.
+    # Every scenario that can share smoke.yaml does, the two long tests first.
     shared = [w for w in boot.split() if w.startswith("scenarios/") and w.endswith(".py")]
     assert shared[0] == "scenarios/balloon.py"
+    assert shared[1] == "scenarios/virtio_mem.py"
     assert {"scenarios/conversion_driver.py", "scenarios/gmem_uapi.py"} <= set(shared)
-    assert len(commands) == 4  # smoke.yaml, virtio-mem's, and the two confidential ones
+    assert len(commands) == 3  # smoke.yaml and the two confidential ones
 
 
 def test_a_run_can_pick_lab_kernels_and_an_unknown_one_is_one_error() -> None:

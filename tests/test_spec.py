@@ -14,6 +14,7 @@ from orchestrator.qemu.spec import (
     SnpGuest,
     TdxGuest,
     spec_from_params,
+    virtio_mem_follows_ram,
 )
 from orchestrator.units import GiB, MiB, format_size, parse_size
 
@@ -173,3 +174,15 @@ def test_a_malformed_saved_spec_is_a_spec_error() -> None:
 
     with pytest.raises(SpecError, match="malformed"):
         spec_from_json({"boot": {"type": "kernel"}})
+
+
+def test_virtio_mem_memory_follows_the_rams_backend_unless_it_names_its_own() -> None:
+    shared = {"kernel": "/k", "backend": "memfd", "share": True, "virtio_mem_size": "512M"}
+    spec = spec_from_params(virtio_mem_follows_ram(shared))
+    assert spec.virtio_mem is not None
+    assert spec.virtio_mem.backend == MemfdBackend(share=True)
+    own = {**shared, "virtio_mem_backend": "anon"}
+    assert virtio_mem_follows_ram(own) == own
+    # Neither given: both anon, as without the mirror.
+    plain = spec_from_params(virtio_mem_follows_ram({"kernel": "/k", "virtio_mem_size": "512M"}))
+    assert plain.virtio_mem is not None and plain.virtio_mem.backend == AnonBackend()

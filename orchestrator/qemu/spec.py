@@ -301,7 +301,8 @@ SCENARIO_KEYS = frozenset(
     }
 )
 
-_BACKEND_KEYS = ("backend", "share", "hugetlb", "hugetlbsize", "seal", "mem_path", "discard_data")
+#: A memory backend's keys (`virtio_mem_` prefixes them for the virtio-mem device).
+BACKEND_KEYS = ("backend", "share", "hugetlb", "hugetlbsize", "seal", "mem_path", "discard_data")
 
 #: Every key `spec_from_params` understands.
 MACHINE_KEYS = frozenset(
@@ -315,8 +316,8 @@ MACHINE_KEYS = frozenset(
         "tdx_attributes", "sept_ve_disable", "mrconfigid", "mrowner", "mrownerconfig",
         "qgs_path", "qgs_vsock_cid", "qgs_vsock_port", "sev_policy", "legacy_vm_type",
         "tsc_frequency", "trace_events", "name",
-        *_BACKEND_KEYS,
-        *(f"virtio_mem_{key}" for key in _BACKEND_KEYS),
+        *BACKEND_KEYS,
+        *(f"virtio_mem_{key}" for key in BACKEND_KEYS),
     }
 )  # fmt: skip
 
@@ -443,6 +444,17 @@ def _needs(key: str) -> str:
     if key in ("mem_path", "discard_data"):
         return "backend=file"
     return "another parameter"
+
+
+def virtio_mem_follows_ram(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` with the RAM's backend keys copied to the virtio-mem device's, unless
+    the device names a backend of its own (`virtio_mem_backend`)."""
+    result = dict(params)
+    if "virtio_mem_backend" not in result:
+        for key in BACKEND_KEYS:
+            if key in result:
+                result[f"virtio_mem_{key}"] = result[key]
+    return result
 
 
 def spec_from_params(params: Mapping[str, Any], boot: Boot | None = None) -> MachineSpec:
