@@ -21,26 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.bench.core import Comparison, compare
+from orchestrator.bench.guest import image_boot
 from orchestrator.errors import CvmlabError
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.argv import Plumbing, build_argv
 from orchestrator.qemu.launcher import Machine
-from orchestrator.qemu.spec import KernelBoot, MachineSpec
+from orchestrator.qemu.spec import MachineSpec
 
 BOOT_RATIO_TARGET = 1.5
 RAW_TIMEOUT_S = 120.0
 
 
 def _spec(image: ImageManifest, extra_cmdline: str = "") -> MachineSpec:
-    cmdline = " ".join(x for x in (image.cmdline, extra_cmdline) if x)
-    return MachineSpec(
-        boot=KernelBoot(
-            kernel=str(kernel_entry(image.kernel).path),
-            initrd=str(image.initrd),
-            cmdline=cmdline,
-        )
-    )
+    return MachineSpec(boot=image_boot(image, extra_cmdline))
 
 
 def raw_cycle(image: ImageManifest, binary: str) -> float:

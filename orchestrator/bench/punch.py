@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.bench.guest import image_boot
 from orchestrator.errors import MemoryOpError
 from orchestrator.guest.memhelper import MemHelper, ssh_runner
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import kernel_entry
 from orchestrator.memory.backing import BackingProbe
 from orchestrator.memory.balloon import (
     balloon_actual,
@@ -41,7 +41,7 @@ from orchestrator.memory.balloon import (
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.launcher import Machine
-from orchestrator.qemu.spec import KernelBoot, spec_from_params
+from orchestrator.qemu.spec import spec_from_params
 from orchestrator.timeline import now
 from orchestrator.units import MiB
 
@@ -158,12 +158,7 @@ def run_backend(
     image: ImageManifest, binary: str, backend: str, runs: int, progress: Callable[[str], None]
 ) -> PunchSeries:
     """Boot one guest on `backend` and time `runs` inflations of INFLATE."""
-    boot = KernelBoot(
-        kernel=str(kernel_entry(image.kernel).path),
-        initrd=str(image.initrd),
-        cmdline=image.cmdline,
-    )
-    spec = spec_from_params({"balloon": "on", **BACKENDS[backend]}, boot=boot)
+    spec = spec_from_params({"balloon": "on", **BACKENDS[backend]}, boot=image_boot(image))
     series = PunchSeries(backend)
     with tempfile.TemporaryDirectory(prefix="cvmlab-bench-punch-") as evidence, Machine(
         spec, Path(evidence), binary=binary, ready_marker=image.ready_marker

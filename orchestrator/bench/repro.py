@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.bench.core import Comparison, compare
+from orchestrator.bench.guest import image_boot
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.launcher import Machine
-from orchestrator.qemu.spec import KernelBoot, MachineSpec
+from orchestrator.qemu.spec import MachineSpec
 from orchestrator.repro.bundle import load_repro_bundle, write_repro_bundle
 from orchestrator.repro.replay import reproduce
 from orchestrator.timeline import Timeline
@@ -33,13 +33,7 @@ REPRO_RATIO_TARGET = 1.2
 
 
 def _spec(image: ImageManifest) -> MachineSpec:
-    return MachineSpec(
-        boot=KernelBoot(
-            kernel=str(kernel_entry(image.kernel).path),
-            initrd=str(image.initrd),
-            cmdline=image.cmdline,
-        )
-    )
+    return MachineSpec(boot=image_boot(image))
 
 
 def boot_cycle(image: ImageManifest, binary: str, evidence: Path) -> float:

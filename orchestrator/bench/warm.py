@@ -23,12 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.bench.core import Comparison, compare
+from orchestrator.bench.guest import image_boot
 from orchestrator.errors import CvmlabError
 from orchestrator.image import ImageManifest, default_image
-from orchestrator.image.pvh import kernel_entry
 from orchestrator.qemu.introspect import introspect_qemu
 from orchestrator.qemu.snapshot import SnapshotCache
-from orchestrator.qemu.spec import KernelBoot, MachineSpec, MemfdBackend
+from orchestrator.qemu.spec import MachineSpec, MemfdBackend
 from orchestrator.qemu.warm import finish_start, start_guest
 from orchestrator.timeline import Timeline
 
@@ -36,12 +36,7 @@ WARM_RATIO_TARGET = 0.15
 
 
 def _spec(image: ImageManifest) -> MachineSpec:
-    boot = KernelBoot(
-        kernel=str(kernel_entry(image.kernel).path),
-        initrd=str(image.initrd),
-        cmdline=image.cmdline,
-    )
-    return MachineSpec(boot=boot, accel="tcg", backend=MemfdBackend(share=True))
+    return MachineSpec(boot=image_boot(image), accel="tcg", backend=MemfdBackend(share=True))
 
 
 def start_cycle(
