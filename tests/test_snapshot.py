@@ -265,6 +265,9 @@ def test_cold_then_warm_restores_a_working_reseeded_guest(
                 assert machine.ready_by == "snapshot"
                 assert "behind; set to the host's" in info["notes"]["clock"]
                 assert "-incoming" in json.loads((tmp_path / f"run{n}/argv.json").read_text())
+                # No self-announce rounds after a restore (RESTORE_PARAMETERS).
+                params = machine.qmp.execute("query-migrate-parameters")
+                assert params["announce-rounds"] == 0
             assert abs(guest_time - int(__import__("time").time())) < 30
     # The restores started from one RNG state; vmgenid made them diverge.
     assert uuids[1] != uuids[2]
