@@ -204,11 +204,16 @@ def cvmlab_lab(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[
 @needs_qemu
 def test_the_commands_status_and_streams_come_back_apart(tmp_path: Path) -> None:
     script = tmp_path / "cmd.sh"
-    script.write_text('echo "out $(uname -r)"; echo "err $PWD" >&2; exit 3\n')
+    # The command's Python reads the launcher's entry point table instead of scanning.
+    table = ("import sys; from orchestrator.lab import entry_points as e; e.table(); "
+             "print('table read:', 'importlib.metadata' not in sys.modules)")  # fmt: skip
+    script.write_text(f'echo "out $(uname -r)"; echo "err $PWD" >&2\n'
+                      f'{sys.executable} -c "{table}"; exit 3\n')  # fmt: skip
     result = cvmlab_lab("--quiet", "--rw", str(tmp_path), "--results", str(tmp_path / "r"),
                         "--", "sh", str(script))  # fmt: skip
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stdout.startswith("out 7.3."), result.stdout
+    assert "table read: True" in result.stdout
     assert f"err {REPO}" in result.stderr
     (evidence,) = (tmp_path / "r" / "lab").iterdir()
     assert "cvmlab-lab: root mounted" in (evidence / "console.log").read_text()

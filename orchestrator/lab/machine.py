@@ -34,7 +34,7 @@ from typing import IO, Any
 from orchestrator.errors import LabError
 from orchestrator.guest.serial import crash_lines
 from orchestrator.image.pvh import KernelEntry
-from orchestrator.lab import inside
+from orchestrator.lab import entry_points, inside
 from orchestrator.lab.initramfs import lab_initrd
 from orchestrator.lab.kernels import LabKernel
 from orchestrator.qemu.spawn import spawn
@@ -64,6 +64,9 @@ PANIC_GRACE_S = 3.0
 # How often the command's output files are copied to ours while nothing else happens.
 STREAM_INTERVAL_S = 0.2
 RUN_PREFIX = "cvmlab-lab-"
+#: Where init.sh mounts the run directory inside the lab.
+RUN_DIR_INSIDE = "/run/cvmlab-lab"
+ENTRY_POINTS_FILE = "entry_points.json"
 # Environment variables that must not cross into the lab (paths that do not exist there).
 _ENV_DROPPED = ("TMPDIR", "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")
 
@@ -220,12 +223,15 @@ def _write_run_dir(config: LabConfig, rundir: Path) -> None:
     shares = share_list(config.writable)
     (rundir / "mounts").write_text("".join(f"rw{i} {path}\n" for i, path in enumerate(shares)))
     shutil.copy(inside.__file__, rundir / "inside.py")
+    # The lab's avocado finds its plugins in this table (orchestrator.lab.entry_points).
+    (rundir / ENTRY_POINTS_FILE).write_text(entry_points.table_json())
+    env = {**config.env, entry_points.TABLE_ENV: f"{RUN_DIR_INSIDE}/{ENTRY_POINTS_FILE}"}
     (rundir / "lab.json").write_text(
         json.dumps(
             {
                 "argv": list(config.argv),
                 "cwd": str(config.cwd),
-                "env": dict(config.env),
+                "env": env,
                 "modules_dir": str(config.kernel.modules_dir)
                 if config.kernel.modules_dir
                 else None,
