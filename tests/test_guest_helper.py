@@ -292,3 +292,45 @@ def _wait_gone(pid: int) -> None:
         assert ready, f"pid {pid} did not exit"
     finally:
         os.close(fd)
+
+
+# --- dropbear-quiet-seed.so (preloaded into the guest's dropbear listener) ---------------
+
+PRELOAD_SOURCE = SOURCE.parent / "dropbear-quiet-seed.c"
+
+
+@pytest.fixture(scope="module")
+def quiet_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("preload") / "dropbear-quiet-seed.so"
+    compile_static_c([PRELOAD_SOURCE], out, shared=True)
+    return out
+
+
+def _preloaded(preload: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LD_PRELOAD": str(preload)}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_quiet_seed_hides_dropbears_seed_files_with_enoent(quiet_seed: Path) -> None:
+    for path in ("/proc/vmstat", "/proc/interrupts", "/proc/loadavg"):
+        done = _preloaded(quiet_seed, "cat", path)
+        assert done.returncode != 0 and "No such file or directory" in done.stderr, path
+
+
+def test_quiet_seed_opens_everything_else_as_asked(quiet_seed: Path, tmp_path: Path) -> None:
+    assert "MemTotal" in _preloaded(quiet_seed, "cat", "/proc/meminfo").stdout
+    created = tmp_path / "created"
+    script = f"import os; os.close(os.open({str(created)!r}, os.O_CREAT | os.O_WRONLY, 0o640))"
+    assert _preloaded(quiet_seed, "python3", "-c", script).returncode == 0
+    assert created.stat().st_mode & 0o777 == 0o640 & ~_umask()
+
+
+def test_quiet_seed_does_not_reach_what_its_process_runs(quiet_seed: Path) -> None:
+    done = _preloaded(quiet_seed, "sh", "-c", 'echo "${LD_PRELOAD-none}"; cat /proc/vmstat')
+    assert done.stdout.startswith("none\n") and "nr_free_pages" in done.stdout
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -13,7 +13,13 @@ from orchestrator.errors import ImageError
 from orchestrator.image.builder import BuildContext
 from orchestrator.image.cpio import CpioArchive
 from orchestrator.image.recipe import load_recipe
-from orchestrator.image.step_static_c import build_static_c, static_c_argv
+from orchestrator.image.step_static_c import (
+    build_shared_c,
+    build_static_c,
+    is_shared_object,
+    is_static_elf,
+    static_c_argv,
+)
 
 HELPER_STEP = {"sources": ["guest-helper/cvmlab-mem.c"], "dest": "/usr/bin/cvmlab-mem"}
 
@@ -37,6 +43,20 @@ def test_compiler_flags_make_warnings_errors_and_link_statically() -> None:
     argv = static_c_argv([Path("a.c")], Path("out"), ["-DX=1"])
     assert argv[:6] == ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror"]
     assert argv[6:] == ["-DX=1", "-o", "out", "a.c"]
+
+
+def test_a_shared_step_builds_a_shared_object_not_an_executable(tmp_path: Path) -> None:
+    argv = static_c_argv([Path("a.c")], Path("out.so"), shared=True)
+    assert argv[:3] == ["gcc", "-shared", "-fPIC"] and "-static" not in argv
+    ctx = context(tmp_path)
+    build_shared_c(ctx, {"sources": ["guest-helper/dropbear-quiet-seed.c"],
+                         "dest": "/usr/lib/cvmlab/q.so", "mode": "0644"})  # fmt: skip
+    entry = ctx.archive.get("/usr/lib/cvmlab/q.so")
+    assert entry is not None and stat.S_IMODE(entry.mode) == 0o644
+    assert is_shared_object(entry.data) and is_static_elf(entry.data)  # no loader of its own
+    build_static_c(ctx, dict(HELPER_STEP))
+    helper = ctx.archive.get("/usr/bin/cvmlab-mem")
+    assert helper is not None and not is_shared_object(helper.data)
 
 
 def test_the_helper_step_installs_an_executable_into_the_archive(tmp_path: Path) -> None:

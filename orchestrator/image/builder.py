@@ -57,8 +57,9 @@ from orchestrator.image.manifest import ImageManifest, load_manifest, verify_ima
 from orchestrator.image.recipe import Recipe, RecipeFile, Step, load_recipe
 from orchestrator.image.step_kmod import STEP_KIND as KMOD_KIND
 from orchestrator.image.step_kmod import build_kmod_step, kmod_packages
+from orchestrator.image.step_static_c import SHARED_STEP_KIND as SHARED_C_KIND
 from orchestrator.image.step_static_c import STEP_KIND as STATIC_C_KIND
-from orchestrator.image.step_static_c import build_static_c
+from orchestrator.image.step_static_c import build_shared_c, build_static_c
 
 Progress = Callable[[str], None]
 
@@ -381,6 +382,7 @@ def run_command_step(ctx: BuildContext, params: dict[str, Any]) -> None:
 STEP_HANDLERS: dict[str, StepHandler] = {
     "command": run_command_step,
     STATIC_C_KIND: build_static_c,
+    SHARED_C_KIND: build_shared_c,
     KMOD_KIND: build_kmod_step,
 }
 PackageResolver = Callable[[PrivateApt, ArchivePackage, str], list[ArchivePackage]]

@@ -1,4 +1,4 @@
-"""Build step `static-c`: compile a small C program statically and install it in the image.
+"""Build steps `static-c` and `shared-c`: compile small C code and install it in the image.
 
 The minimal image has no C library of its own (busybox is static, dropbear brings
 its few libraries), so guest helpers are linked statically with the host's gcc and
@@ -15,6 +15,11 @@ glibc (`libc.a`, package libc6-dev). Recipe form:
 The fixed flags (`-static -O2 -Wall -Wextra -Werror`) make a warning a build error,
 so a helper that builds here builds the same in CI. The result is checked to be
 static: a dynamically linked binary would fail in the guest with a bare "not found".
+
+`shared-c` (same form) builds a shared object instead (`-shared -fPIC`), for
+LD_PRELOAD into one of the image's host binaries: those come with the host's own
+libraries (`ldd`), so an object built against the host's libc runs against the
+guest's. The result is checked to be a shared object, not an executable.
 """
 
 from __future__ import annotations
@@ -33,16 +38,24 @@ if TYPE_CHECKING:  # builder imports this module to register the step: no import
     from orchestrator.image.builder import BuildContext
 
 STEP_KIND = "static-c"
+SHARED_STEP_KIND = "shared-c"
 COMPILER = "gcc"
 FIXED_CFLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
+SHARED_CFLAGS = ("-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror")
+_ET_DYN = 3
 _COMPILE_TIMEOUT = 300
 
 
 def static_c_argv(
-    sources: Sequence[Path], output: Path, cflags: Sequence[str] = (), compiler: str = COMPILER
+    sources: Sequence[Path],
+    output: Path,
+    cflags: Sequence[str] = (),
+    compiler: str = COMPILER,
+    shared: bool = False,
 ) -> list[str]:
     """The compiler command line (pure)."""
-    return [compiler, *FIXED_CFLAGS, *cflags, "-o", str(output), *(str(s) for s in sources)]
+    fixed = SHARED_CFLAGS if shared else FIXED_CFLAGS
+    return [compiler, *fixed, *cflags, "-o", str(output), *(str(s) for s in sources)]
 
 
 def is_static_elf(data: bytes) -> bool:
@@ -55,13 +68,26 @@ def is_static_elf(data: bytes) -> bool:
         return False
 
 
+def is_shared_object(data: bytes) -> bool:
+    """True for a 64-bit little-endian ELF of type ET_DYN with no dynamic loader of its
+    own (an executable built as PIE has PT_INTERP)."""
+    if not elf.is_elf64_le(data) or int.from_bytes(data[16:18], "little") != _ET_DYN:
+        return False
+    return is_static_elf(data)
+
+
 def compile_static_c(
-    sources: Sequence[Path], output: Path, cflags: Sequence[str] = (), compiler: str = COMPILER
+    sources: Sequence[Path],
+    output: Path,
+    cflags: Sequence[str] = (),
+    compiler: str = COMPILER,
+    shared: bool = False,
 ) -> bytes:
-    """Compile `sources` into the static executable `output` and return its bytes.
+    """Compile `sources` into the static executable (or, `shared`, the shared object)
+    `output` and return its bytes.
 
     ImageError (with the compiler's messages) when the compiler is missing, the code does
-    not compile warning-free, or the result is not static.
+    not compile warning-free, or the result is not what was asked for.
     """
     if shutil.which(compiler) is None:
         raise ImageError(
@@ -71,7 +97,7 @@ def compile_static_c(
     for source in sources:
         if not source.is_file():
             raise ImageError(f"C source {source} does not exist", "fix the recipe's sources")
-    argv = static_c_argv(sources, output, cflags, compiler)
+    argv = static_c_argv(sources, output, cflags, compiler, shared)
     result = subprocess.run(
         argv, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT, check=False
     )
@@ -82,27 +108,30 @@ def compile_static_c(
             detail=(result.stdout + result.stderr)[-4000:],
         )
     data = output.read_bytes()
-    if not is_static_elf(data):
+    if shared and not is_shared_object(data):
+        raise ImageError(f"{output.name} is not a shared object", "keep -shared in the flags")
+    if not shared and not is_static_elf(data):
         raise ImageError(f"{output.name} is not a static executable", "keep -static in the flags")
     return data
 
 
-def _string_list(params: dict[str, Any], key: str) -> list[str]:
+def _string_list(params: dict[str, Any], key: str, kind: str = STEP_KIND) -> list[str]:
     value = params.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ImageError(f"static-c step: '{key}' must be a list of strings", "fix the recipe")
+        raise ImageError(f"{kind} step: '{key}' must be a list of strings", "fix the recipe")
     return value
 
 
-def build_static_c(ctx: BuildContext, params: dict[str, Any]) -> None:
+def build_static_c(ctx: BuildContext, params: dict[str, Any], shared: bool = False) -> None:
     """The `static-c` step handler (signature of builder.StepHandler)."""
-    sources = _string_list(params, "sources")
+    kind = SHARED_STEP_KIND if shared else STEP_KIND
+    sources = _string_list(params, "sources", kind)
     if not sources:
-        raise ImageError("static-c step: 'sources' is empty", "name the C files to compile")
+        raise ImageError(f"{kind} step: 'sources' is empty", "name the C files to compile")
     dest = params.get("dest")
     if not isinstance(dest, str) or not dest.startswith("/") or ".." in PurePosixPath(dest).parts:
         raise ImageError(
-            f"static-c step: dest {dest!r} is not an absolute guest path",
+            f"{kind} step: dest {dest!r} is not an absolute guest path",
             "write e.g. dest: /usr/bin/cvmlab-mem",
         )
     mode_text = str(params.get("mode", "0755"))
@@ -110,14 +139,19 @@ def build_static_c(ctx: BuildContext, params: dict[str, Any]) -> None:
         mode = int(mode_text, 8)
     except ValueError:
         raise ImageError(
-            f"static-c step: mode {mode_text!r} is not octal", 'write "0755"'
+            f"{kind} step: mode {mode_text!r} is not octal", 'write "0755"'
         ) from None
     recipe_dir = ctx.recipe.directory.resolve()
     paths = [(recipe_dir / s).resolve() for s in sources]
     for path in paths:
         if not path.is_relative_to(recipe_dir):
-            raise ImageError(f"static-c step: source {path} is outside the recipe", "fix sources")
+            raise ImageError(f"{kind} step: source {path} is outside the recipe", "fix sources")
     output = ctx.work / PurePosixPath(dest).name
-    ctx.progress(f"step: static-c {', '.join(sources)} -> {dest}")
-    data = compile_static_c(paths, output, _string_list(params, "cflags"))
+    ctx.progress(f"step: {kind} {', '.join(sources)} -> {dest}")
+    data = compile_static_c(paths, output, _string_list(params, "cflags", kind), shared=shared)
     ctx.archive.add_file(dest, data, mode)
+
+
+def build_shared_c(ctx: BuildContext, params: dict[str, Any]) -> None:
+    """The `shared-c` step handler (signature of builder.StepHandler)."""
+    build_static_c(ctx, params, shared=True)
