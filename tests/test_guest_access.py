@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +150,24 @@ def test_ssh_runs_a_command_and_returns_its_output(booted: Booted) -> None:
     assert result.exit_status == 0
     assert result.stdout.strip() == booted.image.kernel_release
     assert result.duration > 0 and result.started >= booted.ready_at
+
+
+@pytest.mark.vm
+def test_ssh_sends_without_nagle(booted: Booted) -> None:
+    transport = booted.shell._transport()
+    assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.mark.vm
+def test_dropbear_alone_skips_its_proc_seed_files_and_commands_see_them(booted: Booted) -> None:
+    preload = "/usr/lib/cvmlab/dropbear-quiet-seed.so"
+    listener = booted.shell.run("pidof dropbear").stdout.split()[-1]  # the oldest: PID 1's
+    assert preload in booted.shell.run(["cat", f"/proc/{listener}/maps"]).stdout
+    # A command over SSH: no preload in its environment, /proc as it is.
+    seen = booted.shell.run('echo "${LD_PRELOAD-none}"; cat /proc/interrupts /proc/vmstat')
+    assert seen.stdout.startswith("none\n") and "nr_free_pages" in seen.stdout
+    # What the preload does to a program is checked on the host (test_guest_helper.py):
+    # the guest's other programs are static busybox, which no preload reaches.
 
 
 @pytest.mark.vm
