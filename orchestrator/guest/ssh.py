@@ -18,6 +18,7 @@ import base64
 import logging
 import select
 import shlex
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -181,7 +182,13 @@ class GuestShell:
         client = paramiko.SSHClient()
         client.set_log_channel(_ATTEMPT_LOG)
         client.set_missing_host_key_policy(_PinnedHostKey(self._pinned, self._timeline))
+        sock: socket.socket | None = None
         try:
+            sock = socket.create_connection((self.host, self.port), timeout=attempt_timeout)
+            # Nagle off (paramiko leaves it on): the handshake's back-to-back small writes
+            # otherwise wait for delayed ACKs, about 50 ms per connection (measured
+            # against a TCG guest: connected after 0.17 s -> 0.11 s).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.connect(
                 self.host,
                 port=self.port,
@@ -193,9 +200,12 @@ class GuestShell:
                 banner_timeout=attempt_timeout,
                 auth_timeout=attempt_timeout,
                 channel_timeout=attempt_timeout,
+                sock=sock,
             )
         except BaseException:
             client.close()
+            if sock is not None:
+                sock.close()
             raise
         transport = client.get_transport()
         if transport is not None:
