@@ -134,6 +134,29 @@ def test_handshake_and_launcher_queries_before_ready_are_not_steps() -> None:
     assert found.ready == 10.0
 
 
+def test_a_cold_starts_snapshot_save_after_ready_is_not_a_step() -> None:
+    # The first test of a machine boots cold, then saves its snapshot (after ready).
+    save = [
+        qmp_cmd(10.1, "migrate-set-capabilities", "s0", capabilities=[]),
+        qmp_reply(10.11, "s0"),
+        qmp_cmd(10.2, "stop", "s1"),
+        qmp_reply(10.21, "s1"),
+        qmp_cmd(10.3, "migrate", "s2", uri="file:/cache/x.ram"),
+        qmp_reply(10.31, "s2"),
+        qmp_cmd(10.8, "cont", "s3"),
+        qmp_reply(10.81, "s3"),
+    ]
+    qmp = sorted([*QMP, *save], key=lambda r: r["t"])
+    timeline = sorted([*TIMELINE, {"t": 10.9, "source": "start", "kind": "snapshot-save",
+                                   "saved": "/cache/x.ram", "seconds": 0.8}],
+                      key=lambda r: r["t"])  # fmt: skip
+    found = extract_steps(qmp, timeline, end=15.9)
+    assert [s.describe() for s in found.steps] == [
+        s.describe() for s in extract_steps(QMP, TIMELINE, end=15.9).steps
+    ]
+    assert found.ready == 10.0
+
+
 def test_teardown_commands_and_the_shutdown_ladder_are_not_steps() -> None:
     found = extract_steps(QMP, TIMELINE, end=15.9)
     described = [s.describe() for s in found.steps]

@@ -14,6 +14,9 @@ What is not the test's own doing is left out, by kind and by time window:
 - everything before the guest was ready (the machine's "ready" milestone): the
   launcher's `human-monitor-command info usernet` and nothing else of the test's,
   since `MachineScenario.setUp` returns only after the guest is ready;
+- a cold start's snapshot save, which follows its ready milestone (`stop`,
+  `migrate`, `cont` and the capabilities around them): the window opens at the
+  start's "snapshot-save" record when there is one;
 - everything at or after the test's end (`end`, the moment tearDown began), or
   after the first shutdown milestone when no end is given: tearDown's `dmesg`,
   the shutdown ladder's `system_powerdown`/`quit`.
@@ -328,9 +331,11 @@ def extract_steps(
         # No ready milestone (a boot that never finished, or a machine without a
         # marker): start after the launcher's own SSH-port query.
         ready = _first_t(timeline_records, "machine", {"ssh-port", "qmp-up"})
+    # A cold start saves its snapshot after ready: the harness's doing, not the test's.
+    saved = _first_t(timeline_records, "start", {"snapshot-save"})
     stop = _shutdown_start(timeline_records)
     window_end = end if end is not None else stop
-    lo = ready if ready is not None else -math.inf
+    lo = max(t for t in (ready, saved, -math.inf) if t is not None)
     hi = window_end if window_end is not None else math.inf
     if stop is not None:
         hi = min(hi, stop)
