@@ -123,7 +123,8 @@ def _string_list(params: dict[str, Any], key: str, kind: str = STEP_KIND) -> lis
 
 
 def build_static_c(ctx: BuildContext, params: dict[str, Any], shared: bool = False) -> None:
-    """The `static-c` step handler (signature of builder.StepHandler)."""
+    """The `static-c` step handler (signature of builder.StepHandler); with `shared`,
+    `shared-c`'s."""
     kind = SHARED_STEP_KIND if shared else STEP_KIND
     sources = _string_list(params, "sources", kind)
     if not sources:

@@ -17,13 +17,13 @@ entry point group, so an avocado that needs more fails there, not in the lab.
 
 The answers come from a table (`table()`): every distribution that declares an
 `avocado.*` or `console_scripts` entry point, with its version, location and all its
-entry points. Inside the
-lab, `cvmlab lab` writes the host's table into the run directory and names it in
-$CVMLAB_ENTRY_POINTS, so the command does not import `importlib.metadata` nor scan
-every distribution's metadata over 9p: 2.5 s of `import importlib.metadata` alone under
-TCG (measured with `-X importtime` on 7.3). The table is used only by the interpreter it
-describes (same `sys.prefix` and `sys.path` after its first entry); anything else, and
-any other group, is answered by `importlib.metadata`.
+entry points. Inside the lab, `cvmlab lab` writes the host's table into the run
+directory and names it in $CVMLAB_ENTRY_POINTS, so the command does not import
+`importlib.metadata` nor scan every distribution's metadata over 9p: 2.5 s of
+`import importlib.metadata` alone under TCG (measured with `-X importtime` on 7.3).
+The table is used only by the interpreter it describes (same `sys.prefix` and
+`sys.path` after its first entry); anything else, and any other group, is answered by
+`importlib.metadata`.
 """
 
 from __future__ import annotations

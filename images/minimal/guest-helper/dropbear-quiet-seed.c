@@ -1,21 +1,22 @@
 /*
- * dropbear-quiet-seed.so: preloaded into the guest's dropbear listener, and nothing else.
+ * dropbear-quiet-seed.so: preloaded into the guest's dropbear (its listener and the
+ * session processes it forks), and into nothing they exec.
  *
  * Why: for every connection it accepts, dropbear's listener calls seedrandom()
  * (dbrandom.c, svr-main.c), which takes 32 bytes from getrandom() and then also
  * hashes /proc/timer_list, /proc/interrupts, /proc/vmstat and six more /proc files
  * into its pool. A restored TCG guest runs those kernel formatters for the first time
- * in that QEMU: measured with `-d in_asm`, about 5k of the 36k blocks translated
- * between `cont` and the first command's answer; restore to a first `true`
- * 0.72-0.79 s with them, 0.56-0.71 s without (three restores each). The seed
- * does not need them: getrandom() is the kernel's CSPRNG, seeded by RDRAND and
- * reseeded by vmgenid after every restore.
+ * in that QEMU, before its first SSH answer: measured with `-d in_asm`, 36.1k blocks
+ * translated between `cont` and the first command's answer with them, 34.8k
+ * without. The seed does not need them: getrandom() is the kernel's CSPRNG, seeded
+ * by RDRAND and reseeded by vmgenid after every restore.
  *
  * What: open()/open64() of exactly those paths fail with ENOENT, which
  * dropbear's process_file() skips; every other open is the plain openat(2).
  * The constructor drops LD_PRELOAD from the environment, and dropbear clears
  * the environment before it runs a session's shell anyway, so commands run over
- * SSH see /proc as it is (tests/test_guest_access.py checks both).
+ * SSH see /proc as it is (tests/test_guest_helper.py checks the preload, and
+ * tests/test_guest_access.py what a guest runs).
  */
 #define _GNU_SOURCE
 #include <errno.h>
