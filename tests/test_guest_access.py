@@ -161,7 +161,8 @@ def test_ssh_sends_without_nagle(booted: Booted) -> None:
 @pytest.mark.vm
 def test_dropbear_alone_skips_its_proc_seed_files_and_commands_see_them(booted: Booted) -> None:
     preload = "/usr/lib/cvmlab/dropbear-quiet-seed.so"
-    listener = booted.shell.run("pidof dropbear").stdout.split()[-1]  # the oldest: PID 1's
+    # The listener started at boot: the lowest PID (the others are this session's).
+    listener = min(int(pid) for pid in booted.shell.run("pidof dropbear").stdout.split())
     assert preload in booted.shell.run(["cat", f"/proc/{listener}/maps"]).stdout
     # A command over SSH: no preload in its environment, /proc as it is.
     seen = booted.shell.run('echo "${LD_PRELOAD-none}"; cat /proc/interrupts /proc/vmstat')
