@@ -1,7 +1,7 @@
 """The base of host-level KVM scenarios (guest_memfd under a vCPU, access, accounting).
 
-Scenario layer: subclasses `orchestrator.scenario.Scenario` (which holds the
-only avocado import) and adds what every direct-ioctl test needs:
+Scenario layer: subclasses `orchestrator.scenario.Scenario` (no QEMU, image or
+guest layers behind it) and adds what every direct-ioctl test needs:
 - the host lock `meminfo`, so parallel tests do not measure each other;
 - a `HostBaseline` before the test makes anything, and the finish phase
   after it released everything: H9 (no fd, VM, mapping, child left;

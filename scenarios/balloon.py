@@ -37,10 +37,10 @@ from orchestrator.invariants.host_memory import (
     settled_or_incomplete,
 )
 from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.machine_scenario import MemoryScenario
 from orchestrator.memory.balloon import guest_ram_size, set_balloon
 from orchestrator.memory.expectations import expect_discard, expected_host_move
 from orchestrator.memory.guest_view import guest_memory
-from orchestrator.scenario import MemoryScenario
 from orchestrator.units import MiB, kib
 
 INFLATE = 128 * MiB

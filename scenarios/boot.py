@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.machine_scenario import MachineScenario
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.spec import AnonBackend, FileBackend, MemfdBackend
-from orchestrator.scenario import MachineScenario
 from orchestrator.units import MiB
 
 QOM_TYPE = {

@@ -26,9 +26,9 @@ from __future__ import annotations
 from orchestrator.guest.coco import EXPECTED, read_guest_coco
 from orchestrator.invariants.conversions import gmem_covers_ram_verdict
 from orchestrator.invariants.verdict import holds, not_applicable
+from orchestrator.machine_scenario import MachineScenario
 from orchestrator.memory.conversions.gmem import sample_gmem
 from orchestrator.qemu.spec import SnpGuest, TdxGuest
-from orchestrator.scenario import MachineScenario
 
 
 class CocoBoot(MachineScenario):

@@ -42,6 +42,7 @@ from orchestrator.host.settle import Settled, settle
 from orchestrator.invariants.conversions import private_half_kept
 from orchestrator.invariants.host_memory import discard_verdict
 from orchestrator.invariants.verdict import holds
+from orchestrator.machine_scenario import MachineScenario
 from orchestrator.memory.balloon import guest_ram_size, set_balloon
 from orchestrator.memory.conversions.observer import ConversionObserver
 from orchestrator.memory.guest_view import guest_memory
@@ -52,7 +53,6 @@ from orchestrator.qemu.rules import violations
 from orchestrator.qemu.spec import MachineSpec
 from orchestrator.qemu.trace import trace_output
 from orchestrator.qemu.version import feature
-from orchestrator.scenario import MachineScenario
 from orchestrator.units import MiB
 
 INFLATE = 128 * MiB

@@ -24,6 +24,7 @@ from __future__ import annotations
 from orchestrator.errors import MemoryOpError
 from orchestrator.guest.coco import read_guest_coco
 from orchestrator.invariants.verdict import holds
+from orchestrator.machine_scenario import MachineScenario
 from orchestrator.memory.host_punch import HostPuncher, borrowed_fd
 from orchestrator.memory.layout import parse_ramblocks
 from orchestrator.memory.secret_scan import (
@@ -33,7 +34,6 @@ from orchestrator.memory.secret_scan import (
     search_dump,
 )
 from orchestrator.qemu.argv import RAM_ID
-from orchestrator.scenario import MachineScenario
 from orchestrator.timeline import now
 
 SECRET_FILE = "/run/cvmlab-secret"

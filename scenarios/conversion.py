@@ -43,6 +43,7 @@ from orchestrator.invariants.conversions import (
     shared_half_verdict,
 )
 from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.machine_scenario import MachineScenario
 from orchestrator.memory.conversions.asked import guest_asked
 from orchestrator.memory.conversions.ledger import ConversionCounts
 from orchestrator.memory.conversions.observer import ConversionObserver
@@ -51,7 +52,6 @@ from orchestrator.memory.conversions.shared_half import shared_half_holes
 from orchestrator.memory.host_punch import HostPuncher
 from orchestrator.qemu.argv import RAM_ID
 from orchestrator.qemu.trace import trace_output
-from orchestrator.scenario import MachineScenario
 from orchestrator.timeline import now
 from orchestrator.units import PAGE, MiB, kib
 

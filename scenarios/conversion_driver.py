@@ -29,7 +29,7 @@ from orchestrator.guest.convert import (
     skipped_at_build,
 )
 from orchestrator.invariants.verdict import holds
-from orchestrator.scenario import MachineScenario
+from orchestrator.machine_scenario import MachineScenario
 
 # (pages, chunk, loops): one page; chunks that divide the pages; one 2 MiB chunk (a
 # split huge mapping of the direct map); a chunk that leaves a smaller last chunk.

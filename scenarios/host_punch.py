@@ -34,8 +34,8 @@ import re
 from orchestrator.errors import GuestError, MemoryOpError
 from orchestrator.guest.memhelper import HoldReport, MemHelper, VerifyReport, ssh_runner
 from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.machine_scenario import MachineScenario
 from orchestrator.memory.host_punch import HostPuncher, anon_discard_refused
-from orchestrator.scenario import MachineScenario
 from orchestrator.timeline import now
 from orchestrator.units import PAGE, GiB
 

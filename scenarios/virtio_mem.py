@@ -35,12 +35,12 @@ from orchestrator.invariants.host_memory import (
     settled_or_incomplete,
 )
 from orchestrator.invariants.verdict import Tolerance, holds, within
+from orchestrator.machine_scenario import MemoryScenario
 from orchestrator.memory.expectations import expect_discard, expected_host_move
 from orchestrator.memory.guest_view import guest_memory
 from orchestrator.memory.virtio_mem import ResizeResult, resize, virtio_mem_device
 from orchestrator.qemu.argv import VMEM_BACKEND_ID
 from orchestrator.qemu.spec import virtio_mem_follows_ram
-from orchestrator.scenario import MemoryScenario
 from orchestrator.units import MiB, kib
 
 PLUG = 256 * MiB

@@ -28,8 +28,8 @@ from orchestrator.image.pvh import (
     has_pvh_entry,
     kernel_entry,
 )
+from orchestrator.machine_scenario import direct_entry
 from orchestrator.qemu.spec import Firmware, KernelBoot, MachineSpec, SnpGuest
-from orchestrator.scenario import direct_entry
 
 
 def _note(name: bytes, note_type: int, desc: bytes) -> bytes:
@@ -191,7 +191,7 @@ def test_default_image_kernel_has_the_note_readelf_sees(
     assert any("0x00000012" in line or "PHYS32_ENTRY" in line for line in xen), notes
 
 
-# --- who is entered directly (orchestrator.scenario.direct_entry) ----------------------
+# --- who is entered directly (orchestrator.machine_scenario.direct_entry) ----------------------
 
 KERNEL = Path("/images/minimal/vmlinuz")
 ELF = KernelEntry(Path("/cache/pvh/k.vmlinux"), True, "PVH entry")

@@ -461,7 +461,7 @@ def test_bundle_whose_image_file_changed_is_refused_naming_the_file(
 # --- real: a failed scenario's bundle and its reproduction -----------------------------
 
 SCENARIO = '''
-from orchestrator.scenario import MachineScenario
+from orchestrator.machine_scenario import MachineScenario
 
 
 class Recorded(MachineScenario):

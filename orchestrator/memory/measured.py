@@ -1,6 +1,6 @@
 """A running guest's memory as a memory test measures it, without avocado.
 
-What `orchestrator.scenario.MemoryScenario` does around its test, as plain code that
+What `orchestrator.machine_scenario.MemoryScenario` does around its test, as plain code that
 pytest, `cvmlab repro` and scripts can use too (the scenario is a thin wrapper):
 
 - Before the guest exists: host-wide meminfo counters move by hundreds of MiB when a

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from orchestrator.errors import GuestError
 from orchestrator.host.kernel_log import HostLogWatch
-from orchestrator.scenario import MachineScenario
+from orchestrator.machine_scenario import MachineScenario
 
 SPLAT = "4,9001,123456789,-;WARNING: CPU: 1 PID: 42 at mm/filemap.c:1234 folio_bug+0x1/0x2\n"
 
