@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lab.fork_server import chooses_fork_spawner
+from orchestrator.lab.fork_server import KVM_TEST_IMPORTS, chooses_fork_spawner, job_preload
 from orchestrator.lab.fork_spawner import NAME, POLL_INTERVAL, PRELOAD, drain_monitor
 from orchestrator.profiles import FORK_SPAWNER, LAB_AVOCADO
 
@@ -30,7 +30,7 @@ from avocado import Test
 class Forked(Test):
     def test_sees_the_preloaded_scenario_layer(self):
         # Imported by the server before the fork: not by this test.
-        self.assertIn("orchestrator.kvm_scenario", sys.modules)
+        self.assertIn("orchestrator.scenario", sys.modules)
         # The host probe was measured once by the server, not by this test.
         from orchestrator.host.probe import shared_probe
         from orchestrator.scenario import default_qemu_binary
@@ -228,7 +228,12 @@ same_program = open(f"/proc/{server}/cmdline").read() == open("/proc/self/cmdlin
 child = CONTEXT.Process(target=sys.exit, args=(7,))
 child.start()
 child.join(60)
-print(server, parent == os.getpid(), same_program, child.exitcode)
+from multiprocessing import resource_tracker
+tracker = resource_tracker._resource_tracker._pid
+tracker_same = open(f"/proc/{tracker}/cmdline").read() == open("/proc/self/cmdline").read()
+tracker_fds = sorted(int(fd) for fd in os.listdir(f"/proc/{tracker}/fd"))
+print(server, parent == os.getpid(), same_program, child.exitcode,
+      tracker, tracker_same, len(tracker_fds) <= 4)
 """
 
 
@@ -239,11 +244,53 @@ def test_the_launchers_server_is_a_fork_that_serves_and_exits_with_its_client(
         [sys.executable, "-c", AS_FORK, "marker-argument"],
         capture_output=True, text=True, timeout=90, check=True,
     )  # fmt: skip
-    server, forked, same_program, exitcode = done.stdout.split()
+    server, forked, same_program, exitcode, tracker, tracker_is_fork, few_fds = done.stdout.split()
     # A fork of the client (no second interpreter importing avocado), whose children
     # run and report their exit status; it is gone once its client has exited.
     assert (forked, same_program, exitcode) == ("True", "True", "7")
     assert _exits_within(int(server), 10), f"server {server} outlived its client"
+    # multiprocessing's resource tracker too: a fork holding stdio and its pipe only.
+    assert (tracker_is_fork, few_fds) == ("True", "True")
+    assert _exits_within(int(tracker), 10), f"resource tracker {tracker} outlived its client"
+
+
+def test_job_preload_adds_what_the_jobs_files_import_and_keeps_the_probe_last(
+    tmp_path: Path,
+) -> None:
+    kvm_test = tmp_path / "kvm_test.py"
+    kvm_test.write_text("import os\nfrom orchestrator.kvm_scenario import KvmScenario\n")
+    guest_test = tmp_path / "guest_test.py"
+    guest_test.write_text(
+        "from orchestrator.machine_scenario import MachineScenario\n"
+        "def later():\n    import orchestrator.repro\n"
+    )
+    kvm_only = job_preload([f"{kvm_test}:KvmTest.test_x"])
+    assert "orchestrator.kvm_scenario" in kvm_only
+    assert set(KVM_TEST_IMPORTS) <= set(kvm_only)
+    assert "orchestrator.machine_scenario" not in kvm_only
+    both = job_preload([str(kvm_test), str(guest_test)])
+    assert "orchestrator.machine_scenario" in both
+    assert "orchestrator.repro" not in both  # imported inside a function: not preloaded
+    # Aliases, missing files and broken sources add nothing; the probe stays last.
+    broken = tmp_path / "broken.py"
+    broken.write_text("def (:\n")
+    assert job_preload(["boot", str(tmp_path / "missing.py"), str(broken)]) == list(PRELOAD)
+    assert both[-1] == kvm_only[-1] == PRELOAD[-1] == "orchestrator.lab.fork_warm"
+
+
+def test_a_test_without_a_guest_imports_no_guest_qemu_or_image_layer() -> None:
+    # In the lab every module is seconds of Python under TCG per job.
+    code = (
+        "import sys, orchestrator.kvm_scenario\n"
+        "heavy = ('orchestrator.machine_scenario', 'orchestrator.qemu.spec', "
+        "'orchestrator.image', 'orchestrator.guest.memhelper', 'orchestrator.repro', "
+        "'orchestrator.host.confidential', 'orchestrator.memory.backing')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules) or 'none')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["none"]
 
 
 def _exits_within(pid: int, timeout: float) -> bool:

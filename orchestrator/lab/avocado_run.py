@@ -18,7 +18,7 @@ import os
 import sys
 
 from orchestrator.lab import entry_points
-from orchestrator.lab.fork_server import chooses_fork_spawner, start_server_as_fork
+from orchestrator.lab.fork_server import chooses_fork_spawner, job_preload, start_server_as_fork
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         unset = not any(name in os.environ for name in ("TMP", "TEMP", "TMPDIR"))
         if unset and os.path.exists("/var/tmp"):
             os.environ["TMP"] = "/var/tmp"
-        start_server_as_fork(("avocado.core.main",))
+        references = [arg for arg in args if ".py" in arg and not arg.startswith("-")]
+        start_server_as_fork(("avocado.core.main",), job_preload(references))
     from avocado.core.main import main as avocado_main
 
     sys.argv = ["avocado", *args]

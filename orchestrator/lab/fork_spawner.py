@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ from avocado.core.nrunner.runnable import RUNNERS_REGISTRY_STANDALONE_EXECUTABLE
 from avocado.core.plugin_interfaces import CLI
 from avocado.plugins.spawners.process import ProcessSpawner
 
-from orchestrator.lab.fork_server import CONTEXT, NAME, PRELOAD, start_server
+from orchestrator.lab.fork_server import CONTEXT, NAME, PRELOAD, job_preload, start_server
 
 __all__ = ["NAME", "PRELOAD", "EarlyStart", "ForkSpawner", "drain_monitor", "run_runner"]
 
@@ -162,15 +162,16 @@ class ForkSpawner(ProcessSpawner):  # type: ignore[misc]
             self._prime()
 
     @classmethod
-    def _prime(cls) -> None:
+    def _prime(cls, references: Sequence[str] = ()) -> None:
         """Start the server now, and tell avocado where the forked kinds' runners are.
 
         The server imports PRELOAD while avocado sets the suite up (tens of seconds in
         the lab). avocado would otherwise ask each kind's runner executable for its
         capabilities, a Python start per kind (14 s in the lab); the command registered
         instead is the `python -m <module>` form avocado itself falls back to.
+        The server preloads what the job's `references` import (`job_preload`).
         """
-        start_server()
+        start_server(job_preload(references))
         for kind in FORKED_KINDS:
             module = cls._runner_module(kind)
             if module is not None:
@@ -252,4 +253,4 @@ class EarlyStart(CLI):  # type: ignore[misc]
 
     def run(self, config: Any) -> None:
         if config.get("subcommand") == "run" and config.get("run.spawner") == NAME:
-            ForkSpawner._prime()
+            ForkSpawner._prime(config.get("resolver.references") or ())
