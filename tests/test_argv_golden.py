@@ -170,6 +170,14 @@ def test_accel_cpu_smp_and_tsc_frequency() -> None:
     assert values(argv, "-smp") == ["4"]
 
 
+def test_tcg_guests_go_without_fast_string_features_unless_the_spec_names_them() -> None:
+    # TCG emulates rep movsb/stosb one iteration at a time (argv.TCG_CPU_FEATURES_OFF).
+    assert values(build_argv(spec(), PLUMBING), "-cpu") == ["max,erms=off,fsrm=off"]
+    named = build_argv(spec(cpu="max,erms=on,-fsrm"), PLUMBING)
+    assert values(named, "-cpu") == ["max,erms=on,-fsrm"]
+    assert values(build_argv(spec(accel="kvm", cpu="max"), PLUMBING), "-cpu") == ["max"]
+
+
 # --- devices ----------------------------------------------------------------------------
 
 
