@@ -203,7 +203,7 @@ class MachineScenario(Scenario):
             self.image.ssh_user, self.image.ssh_key, self.image.host_key,
             timeout=SSH_UP_TIMEOUT_S * self.timeout_factor(),
         )  # fmt: skip
-        finish_start(self.machine, self.guest, self.start)
+        finish_start(self.machine, self.guest, self.start, self.image.restored_clock)
         self.record_start()
 
     def start_guest(self) -> None:

@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,6 +170,36 @@ def test_dropbear_alone_skips_its_proc_seed_files_and_commands_see_them(booted: 
     assert seen.stdout.startswith("none\n") and "nr_free_pages" in seen.stdout
     # What the preload does to a program is checked on the host (test_guest_helper.py):
     # the guest's other programs are static busybox, which no preload reaches.
+
+
+@pytest.mark.vm
+def test_the_ssh_listener_sets_a_clock_that_fell_behind_the_rtc(booted: Booted) -> None:
+    # What a restore leaves (images/minimal/guest-helper/dropbear-rtc-clock.c): the
+    # guest's clock behind its RTC, which QEMU keeps on the host's time.
+    image = booted.image
+    listener = min(int(pid) for pid in booted.shell.run("pidof dropbear").stdout.split())
+    maps = booted.shell.run(["cat", f"/proc/{listener}/maps"]).stdout
+    assert "/usr/lib/cvmlab/dropbear-rtc-clock.so" in maps
+    booted.shell.run("date -u -s @$((EPOCHSECONDS - 100)) >/dev/null")
+    behind = int(booted.shell.run("echo $EPOCHSECONDS").stdout)
+    assert behind < time.time() - 90  # this session's clock stays behind
+    before = time.time()
+    fresh = booted.machine.ssh(image.ssh_user, image.ssh_key, image.host_key)
+    try:
+        guest = int(fresh.run("echo $EPOCHSECONDS").stdout)
+        after = time.time()
+        # The RTC's time: up to 2 s behind the host's (QEMU starts it at a whole second).
+        assert before - 3 <= guest <= after + 1, (before, guest, after)
+        log = fresh.run("dmesg").stdout
+    finally:
+        fresh.close()
+    assert re.search(r"cvmlab: guest clock was (99|10[0-3]) s behind the RTC; set from it", log)
+    # A clock within a second of the RTC is not logged: no second line for this one.
+    again = booted.machine.ssh(image.ssh_user, image.ssh_key, image.host_key)
+    try:
+        assert again.run("dmesg").stdout.count("behind the RTC") == 1
+    finally:
+        again.close()
 
 
 @pytest.mark.vm

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -334,3 +336,34 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --- dropbear-rtc-clock.so (preloaded into the guest's dropbear too) ---------------------
+
+RTC_CLOCK_SOURCE = SOURCE.parent / "dropbear-rtc-clock.c"
+
+ACCEPT_BOTH_WAYS = """
+import os, socket
+listener = socket.create_server(("127.0.0.1", 0))
+for n in range(2):
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()  # accept4(2) from Python
+    client.sendall(b"ping%d" % n)
+    print(conn.recv(5).decode(), conn.getpeername() == client.getsockname())
+print(os.environ.get("LD_PRELOAD", "none"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_rtc_clock_preload_keeps_accept_transparent(tmp_path: Path) -> None:
+    # On the host the clock is not behind its RTC, so the preload sets nothing; without
+    # CAP_SYS_TIME it could not anyway: this test never touches the host's clock.
+    preload = tmp_path / "dropbear-rtc-clock.so"
+    compile_static_c([RTC_CLOCK_SOURCE], preload, shared=True)
+    no_time = ["setpriv", "--inh-caps=-sys_time", "--bounding-set=-sys_time", "--"]
+    done = subprocess.run(
+        [*no_time, "env", f"LD_PRELOAD={preload}", sys.executable, "-c", ACCEPT_BOTH_WAYS],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["ping0 True", "ping1 True", "none"]

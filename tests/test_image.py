@@ -7,6 +7,7 @@ cycle under TCG, the floor the orchestrator's own boot cycle is compared against
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -243,6 +244,38 @@ def test_a_missing_host_package_is_named_with_the_setup_script() -> None:
         host_package_versions(["busybox-static", "cvmlab-no-such-package"])
     assert "cvmlab-no-such-package is not installed" in info.value.problem
     assert "ci/setup-host.sh" in info.value.fix
+
+
+def test_an_unknown_restored_clock_is_refused_with_the_known_ones(tmp_path: Path) -> None:
+    recipe_dir = tmp_path / "recipe"
+    shutil.copytree(images_root() / "minimal", recipe_dir)
+    text = (recipe_dir / "recipe.yaml").read_text()
+    assert "\nrestored_clock: rtc\n" in text  # the default image's guest sets its own
+    recipe_file = recipe_dir / "recipe.yaml"
+    recipe_file.write_text(text.replace("restored_clock: rtc", "restored_clock: ntp"))
+    with pytest.raises(ImageError) as info:
+        load_recipe(str(recipe_dir))
+    assert "restored_clock 'ntp' unknown" in info.value.problem
+    assert "'ssh', 'rtc'" in info.value.fix
+    # Without the key, cvmlab sets a restored guest's clock over SSH.
+    (recipe_dir / "recipe.yaml").write_text(text.replace("restored_clock: rtc\n", ""))
+    assert load_recipe(str(recipe_dir)).restored_clock == "ssh"
+
+
+def test_a_manifest_without_restored_clock_means_ssh_and_a_bad_one_is_refused(
+    image_copy: ImageManifest,
+) -> None:
+    assert image_copy.restored_clock == "rtc"
+    path = image_copy.directory / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["restored_clock"]  # written before the field existed
+    path.write_text(json.dumps(data))
+    assert load_manifest(image_copy.directory).restored_clock == "ssh"
+    data["restored_clock"] = "guess"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ImageError) as info:
+        load_manifest(image_copy.directory)
+    assert "restored_clock 'guess' unknown" in info.value.problem
 
 
 def test_an_unknown_recipe_names_the_ones_that_exist() -> None:

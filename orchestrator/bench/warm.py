@@ -7,8 +7,9 @@ untimed:
 
 - cold: `start_guest` with a cold reason: boot, readiness marker, SSH, `true`;
 - warm: `start_guest` from a snapshot in a private cache: QEMU with
-  `-incoming defer`, migrate-incoming, cont, SSH, and the command every warm start
-  runs first, the one that sets the guest's clock (`finish_start`).
+  `-incoming defer`, migrate-incoming, cont, SSH (whose listener sets the guest's
+  clock from the RTC in the default image), `true`; with an image whose clock cvmlab
+  sets, that command (`finish_start`) instead of `true`.
 
 The snapshot is saved once, before the runs, by an untimed cold boot; its cache
 is a temporary directory, so the user's cache is neither used nor changed.
@@ -59,9 +60,8 @@ def start_cycle(
         )  # fmt: skip
         with machine:
             shell = machine.ssh(image.ssh_user, image.ssh_key, image.host_key)
-            finish_start(machine, shell, record)
-            if record.mode != "warm":  # a warm start's first command set its clock
-                shell.run("true")
+            if not finish_start(machine, shell, record, image.restored_clock):
+                shell.run("true")  # unless the warm start's clock set was a command
             elapsed = time.monotonic() - started
             if record.mode != expect:
                 raise CvmlabError(

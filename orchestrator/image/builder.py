@@ -603,6 +603,7 @@ def _build(plan: Plan, image_dir: Path, progress: Progress) -> ImageManifest:
         ssh_key=image_dir / CLIENT_KEY,
         host_key=host_public,
         ready_marker=recipe.ready_marker,
+        restored_clock=recipe.restored_clock,
         kernel_release=release,
         packages=plan.packages,
         inputs=plan.inputs,

@@ -18,6 +18,8 @@ from orchestrator.image.debian import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+#: Who sets a restored guest's clock (`ImageManifest.restored_clock`).
+RESTORED_CLOCKS = ("ssh", "rtc")
 # A private key readable by anyone but its owner is refused (as ssh itself would).
 _PRIVATE_MODE_MASK = 0o077
 
@@ -46,6 +48,9 @@ class ImageManifest:
     packages: dict[str, str]
     inputs: dict[str, str]
     outputs: dict[str, str]
+    #: Who sets a restored guest's clock (recipe `restored_clock`): "ssh", cvmlab over
+    #: SSH (images built before the field existed), or "rtc", the guest's SSH server.
+    restored_clock: str = "ssh"
 
     def to_json(self) -> dict[str, Any]:
         """The manifest.json form: paths relative to the image directory."""
@@ -63,6 +68,7 @@ class ImageManifest:
             "ssh_key": rel(self.ssh_key),
             "host_key": self.host_key,
             "ready_marker": self.ready_marker,
+            "restored_clock": self.restored_clock,
             "kernel_release": self.kernel_release,
             "packages": dict(sorted(self.packages.items())),
             "inputs": dict(sorted(self.inputs.items())),
@@ -125,6 +131,11 @@ def load_manifest(path: Path) -> ImageManifest:
     for key in text_fields:
         if not isinstance(data.get(key), str) or not data[key]:
             raise ImageError(f"{manifest_path}: '{key}' is missing", "rebuild the image")
+    restored_clock = data.get("restored_clock", "ssh")
+    if restored_clock not in RESTORED_CLOCKS:
+        raise ImageError(
+            f"{manifest_path}: restored_clock {restored_clock!r} unknown", "rebuild the image"
+        )
 
     def inside(name: str) -> Path:
         resolved = (directory / name).resolve()
@@ -146,6 +157,7 @@ def load_manifest(path: Path) -> ImageManifest:
         packages=_string_map(data, "packages", manifest_path),
         inputs=_string_map(data, "inputs", manifest_path),
         outputs=_string_map(data, "outputs", manifest_path),
+        restored_clock=restored_clock,
     )
 
 

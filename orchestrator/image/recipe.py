@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import ImageError
+from orchestrator.image.manifest import RESTORED_CLOCKS
 
 RECIPE_FILE = "recipe.yaml"
 COMPRESSIONS = ("none", "gzip")
@@ -69,6 +70,9 @@ class Recipe:
     ready_marker: str
     ssh_user: str
     compression: str
+    #: Who sets a restored guest's clock: "ssh" (cvmlab, with `date -s` over SSH) or
+    #: "rtc" (the guest's SSH server, from the RTC, before a connection's process starts).
+    restored_clock: str
     host_binaries: tuple[HostBinary, ...]
     boot_modules: tuple[str, ...]
     boot_modules_if_present: tuple[str, ...]
@@ -164,6 +168,7 @@ def load_recipe(recipe: str) -> Recipe:
             ready_marker=str(data["ready_marker"]),
             ssh_user=str(data.get("ssh_user", "root")),
             compression=str(data.get("compression", "gzip")),
+            restored_clock=str(data.get("restored_clock", "ssh")),
             host_binaries=binaries,
             boot_modules=_names(modules, "boot", where),
             boot_modules_if_present=_names(modules, "boot_if_present", where),
@@ -177,6 +182,11 @@ def load_recipe(recipe: str) -> Recipe:
     if parsed.compression not in COMPRESSIONS:
         raise ImageError(
             f"{where}: compression {parsed.compression!r} unknown", f"use one of {COMPRESSIONS}"
+        )
+    if parsed.restored_clock not in RESTORED_CLOCKS:
+        raise ImageError(
+            f"{where}: restored_clock {parsed.restored_clock!r} unknown",
+            f"use one of {RESTORED_CLOCKS}",
         )
     if not re.fullmatch(r"[A-Za-z0-9_-]+", parsed.ready_marker):
         raise ImageError(f"{where}: ready_marker must be one word", "e.g. CVMLAB-READY")

@@ -26,8 +26,10 @@ refused by name) and QEMU itself rejects a structurally broken stream.
 What a restore changes, and what is done about it (all in the `StartRecord`):
 - QEMU's backing holds only the pages the snapshot has data for (zero pages are
   holes): host-memory measurements see less populated than after a cold boot.
-- The guest's clock stands where it was saved: `sync_guest_clock` sets it to
-  the host's time over SSH and records the offset it corrected.
+- The guest's clock stands where it was saved: the default image's SSH listener
+  sets it from the RTC, which QEMU keeps on the host's time, before any session
+  starts; for an image without that, `warm.finish_start` sets it over SSH and
+  records the offset it corrected.
 - The guest's RNG state is identical in every restore of one snapshot (measured:
   the same /proc/sys/kernel/random/uuid in two restores). A `vmgenid` device is
   part of every warm-capable machine (`WARM_DEVICE_ARGS`): each QEMU gets a new

@@ -187,18 +187,33 @@ def restore_notes(meta: dict[str, Any], t: float) -> dict[str, Any]:
     }
 
 
-def finish_start(machine: Machine, shell: GuestShell, record: StartRecord) -> None:
-    """After SSH is up: set a restored guest's clock to the host's (it stood still in
-    the snapshot), then mark the machine ready.
+def finish_start(
+    machine: Machine, shell: GuestShell, record: StartRecord, restored_clock: str = "ssh"
+) -> bool:
+    """After SSH is up: see a restored guest's clock set to the host's (it stood still in
+    the snapshot), then mark the machine ready. True when that ran a guest command.
 
-    Ready comes after the clock commands, so `cvmlab repro` (which replays what came
-    after ready) does not replay them. The offset is recorded; a guest that refuses
-    is noted, not fatal (only a test comparing guest and host wall time cares).
+    `restored_clock` is the image's (`ImageManifest.restored_clock`): "rtc", the guest's
+    SSH listener already set it from the RTC before this connection's process started
+    (images/minimal/guest-helper/dropbear-rtc-clock.c; the offset is in the guest's
+    kernel log); "ssh", cvmlab sets it now with one command and records the offset. A
+    guest that refuses is noted, not fatal (only a test comparing guest and host wall
+    time cares). Ready comes after the clock, so `cvmlab repro` (which replays what came
+    after ready) replays no clock command.
     """
     if record.mode != "warm":
-        return
-    _sync_clock(shell, record)
+        return False
+    ran_command = restored_clock != "rtc"
+    if ran_command:
+        _sync_clock(shell, record)
+    else:
+        record.notes["clock"] = (
+            "set by the guest from its RTC (QEMU keeps the RTC on the host's time across a"
+            " restore), in the SSH listener before this connection's process started;"
+            " the offset is in guest-dmesg.txt"
+        )
     machine.mark_ready("snapshot")
+    return ran_command
 
 
 #: Read the guest's clock with a shell builtin, then exec date to set it: one round

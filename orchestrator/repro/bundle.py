@@ -161,6 +161,7 @@ def _image_from_json(data: dict[str, Any]) -> ImageManifest:
         packages=dict(data["packages"]),
         inputs=dict(data["inputs"]),
         outputs=dict(data["outputs"]),
+        restored_clock=str(data.get("restored_clock", "ssh")),
     )
 
 

@@ -497,7 +497,7 @@ def reproduce(
             if machine.ssh_port is not None:
                 shell = machine.ssh(image.ssh_user, image.ssh_key, image.host_key)
                 if snapshot is not None and start is not None:
-                    finish_start(machine, shell, start)
+                    finish_start(machine, shell, start, image.restored_clock)
                 known = directory / "known_hosts"
                 known.write_text(known_hosts_line(machine.ssh_port, image.host_key))
                 known.chmod(0o600)
