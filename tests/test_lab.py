@@ -258,6 +258,30 @@ def test_a_kernel_panic_is_reported_with_its_console_lines(tmp_path: Path) -> No
 
 @pytest.mark.lab
 @needs_qemu
+def test_a_kernel_that_does_not_reach_the_command_in_time_is_stopped_and_named(
+    tmp_path: Path,
+) -> None:
+    # A hung boot, made certain: no kernel gets from QEMU's start to init in 1 s under TCG.
+    started = time.monotonic()
+    result = cvmlab_lab("--quiet", "--boot-timeout", "1", "--results", str(tmp_path / "r"),
+                        "--", "true")  # fmt: skip
+    assert result.returncode == 2
+    assert "did not start the lab's command within 1 s of QEMU's start (stopped)" in result.stderr
+    assert "--boot-timeout" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 120
+    assert not list(Path("/tmp").glob(f"cvmlab-lab-{os.getpid()}-*"))
+
+
+@needs_qemu
+def test_a_timeout_that_is_not_positive_is_refused() -> None:
+    result = cvmlab_lab("--boot-timeout", "0", "--", "true")
+    assert result.returncode == 2
+    assert "--boot-timeout 0 is not a positive number of seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.lab
+@needs_qemu
 def test_killing_cvmlab_lab_stops_its_qemu(tmp_path: Path) -> None:
     results = tmp_path / "r"
     proc = subprocess.Popen(

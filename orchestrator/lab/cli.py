@@ -29,6 +29,7 @@ from orchestrator.image.pvh import kernel_entry
 from orchestrator.lab.bytecode import compile_checkout
 from orchestrator.lab.kernels import LabKernel, check_kvm_modules, debian_kernel, local_kernel
 from orchestrator.lab.machine import (
+    DEFAULT_BOOT_TIMEOUT_S,
     DEFAULT_CPUS,
     DEFAULT_MEMORY_MIB,
     DEFAULT_TIMEOUT_S,
@@ -111,6 +112,9 @@ def run_command(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise LabError("no command given", "put it after --: cvmlab lab --kernel 7.3 -- CMD ARGS")
+    for option, value in (("--timeout", args.timeout), ("--boot-timeout", args.boot_timeout)):
+        if not value > 0:
+            raise LabError(f"{option} {value:g} is not a positive number of seconds", "e.g. 600")
     signal.signal(signal.SIGTERM, _terminate)
     qemu = introspect_qemu(args.qemu)
     missing = [f for f in ("svm", "npt") if not qemu.tcg_max_cpu.get(f)]
@@ -139,6 +143,7 @@ def run_command(args: argparse.Namespace) -> int:
         numa_nodes=args.numa,
         settings=_settings(args),
         timeout_s=args.timeout,
+        boot_timeout_s=args.boot_timeout,
         qemu=qemu.command,
         entry=kernel_entry(kernel.vmlinuz),
     )
@@ -214,6 +219,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="where the lab's evidence goes (results/lab/<time>-<release>/)",
     )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds (3600)")
+    parser.add_argument(
+        "--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT_S,
+        help="seconds from QEMU's start to the command running (300)",
+    )  # fmt: skip
     parser.add_argument("--qemu", default=DEFAULT_BINARY, help="the outer QEMU")
     parser.add_argument("--refresh", action="store_true", help="re-read the Debian archive")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
