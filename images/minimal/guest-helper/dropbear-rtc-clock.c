@@ -19,11 +19,14 @@
  * RTC's time, as after a cold boot (the kernel sets it from the same RTC at boot):
  * up to 2 s behind the host's, because QEMU starts its RTC at the host's whole
  * second and the RTC counts whole seconds (`date -s @SECONDS` over SSH, which this
- * replaces, set the host's second). A move of 2 s or more (a restore, or a pause) is said in the kernel
- * log (/dev/kmsg, kept as guest-dmesg.txt); smaller ones, which a running guest's
- * whole seconds can show at any connection, are not. No RTC, an unreadable one or a
- * refused set change nothing (a refused set of 2 s or more is logged). The
- * constructor drops LD_PRELOAD, as dropbear-quiet-seed.c's does.
+ * replaces, set the host's second). A move of 2 s or more (a restore, or a pause)
+ * is said in the kernel log (/dev/kmsg, kept as guest-dmesg.txt) at KERN_INFO, below
+ * the console's loglevel: on the console, the line went out through the emulated
+ * UART in the listener's own write, before it forked the connection's process.
+ * Smaller moves, which a running guest's whole seconds can show at any connection,
+ * are not logged. No RTC, an unreadable one or a refused set change nothing (a
+ * refused set of 2 s or more is logged, as a warning). The constructor drops
+ * LD_PRELOAD, as dropbear-quiet-seed.c's does.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -84,10 +87,10 @@ static void clock_from_rtc(void)
 		char line[160];
 		if (clock_settime(CLOCK_REALTIME, &set) == 0)
 			snprintf(line, sizeof(line),
-				 "cvmlab: guest clock was %lld s behind the RTC; set from it\n", behind);
+				 "<6>cvmlab: guest clock was %lld s behind the RTC; set from it\n", behind);
 		else
 			snprintf(line, sizeof(line),
-				 "cvmlab: guest clock is %lld s behind the RTC; setting it failed: %s\n",
+				 "<4>cvmlab: guest clock is %lld s behind the RTC; setting it failed: %s\n",
 				 behind, strerror(errno));
 		if (behind >= LOGGED_FROM)
 			kernel_log(line);
