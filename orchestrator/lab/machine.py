@@ -290,7 +290,8 @@ def _run(
 ) -> LabResult:
     started = time.monotonic()
     deadline = started + config.timeout_s
-    boot_deadline = started + min(config.boot_timeout_s, config.timeout_s)
+    boot_limit = min(config.boot_timeout_s, config.timeout_s)
+    boot_deadline = started + boot_limit
     boot_stuck = False
     streams = [_Streamer(rundir / "stdout", stdout), _Streamer(rundir / "stderr", stderr)]
     console: list[str] = []
@@ -359,7 +360,7 @@ def _run(
     if boot_stuck:
         raise LabError(
             f"kernel {config.kernel.release} did not start the lab's command within "
-            f"{min(config.boot_timeout_s, config.timeout_s):g} s of QEMU's start (stopped)",
+            f"{boot_limit:g} s of QEMU's start (stopped)",
             "see the console's last lines below; a kernel that boots slowly (debug options)"
             " needs --boot-timeout",
             detail="\n".join(filter(None, [qemu_errors, tail])),

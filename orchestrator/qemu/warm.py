@@ -195,11 +195,11 @@ def finish_start(
 
     `restored_clock` is the image's (`ImageManifest.restored_clock`): "rtc", the guest's
     SSH listener already set it from the RTC before this connection's process started
-    (images/minimal/guest-helper/dropbear-rtc-clock.c; the offset is in the guest's
-    kernel log); "ssh", cvmlab sets it now with one command and records the offset. A
-    guest that refuses is noted, not fatal (only a test comparing guest and host wall
-    time cares). Ready comes after the clock, so `cvmlab repro` (which replays what came
-    after ready) replays no clock command.
+    (images/minimal/guest-helper/dropbear-rtc-clock.c; a move of 2 s or more is in
+    the guest's kernel log); "ssh", cvmlab sets it now with one command and records
+    the offset. A guest that refuses is noted, not fatal (only a test comparing guest
+    and host wall time cares). Ready comes after the clock, so `cvmlab repro` (which
+    replays what came after ready) replays no clock command.
     """
     if record.mode != "warm":
         return False
@@ -210,7 +210,7 @@ def finish_start(
         record.notes["clock"] = (
             "set by the guest from its RTC (QEMU keeps the RTC on the host's time across a"
             " restore), in the SSH listener before this connection's process started;"
-            " the offset is in guest-dmesg.txt"
+            " a move of 2 s or more is in guest-dmesg.txt"
         )
     machine.mark_ready("snapshot")
     return ran_command
