@@ -88,8 +88,8 @@ def bench_warm(runs: int, binary: str, progress: Callable[[str], None]) -> Compa
 
             return run
 
-        progress("bench warm: saving the snapshot (one untimed cold boot)")
-        cycle(None, "cold")()
+        progress("bench warm: saving the snapshot (one untimed cold boot and its restore)")
+        cycle(None, "warm")()
         return compare(
             "warm", runs,
             ("cold", cycle("bench: the cold side", "cold")), ("warm", cycle(None, "warm")),

@@ -477,6 +477,7 @@ class SnapshotCache:
 
 # --- QMP sides of a save and a restore ---------------------------------------------------
 
+
 def _capabilities(on: bool) -> dict[str, Any]:
     return {
         "capabilities": [
@@ -507,14 +508,14 @@ FINALIZE_TIMEOUT = 30.0
 _FINALIZE_POLL_S = 0.01
 
 
-def resume_after_save(qmp: QmpSession, timeout: float = FINALIZE_TIMEOUT) -> None:
-    """`cont` the guest a save paused, once QEMU has finalized the migration.
+def wait_finalized(qmp: QmpSession, timeout: float = FINALIZE_TIMEOUT) -> None:
+    """Wait until QEMU has finalized a save's migration (left `finish-migrate`).
 
     QEMU sends MIGRATION `completed` from the migration thread and leaves the
     `finish-migrate` run state later, in its main loop; a `cont` in between fails with
     "Migration is not finalized yet" (seen under load in `make test`, the guest left
     paused). No event marks that transition, so the run state is polled, with a
-    deadline. ResumeError when the guest cannot be resumed.
+    deadline. ResumeError when it does not happen.
     """
     deadline = time.monotonic() + timeout
     try:
@@ -526,6 +527,17 @@ def resume_after_save(qmp: QmpSession, timeout: float = FINALIZE_TIMEOUT) -> Non
                     "see qmp.jsonl; a QEMU this slow to finalize is worth a bug report",
                 )
             time.sleep(_FINALIZE_POLL_S)
+    except QmpError as error:
+        raise ResumeError(
+            f"QEMU's state after the snapshot could not be read: {error}", "see qmp.jsonl"
+        ) from None
+
+
+def resume_after_save(qmp: QmpSession, timeout: float = FINALIZE_TIMEOUT) -> None:
+    """`cont` the guest a save paused, once QEMU has finalized the migration
+    (`wait_finalized`). ResumeError when the guest cannot be resumed."""
+    wait_finalized(qmp, timeout)
+    try:
         qmp.execute("cont")
     except QmpError as error:
         raise ResumeError(
@@ -534,11 +546,18 @@ def resume_after_save(qmp: QmpSession, timeout: float = FINALIZE_TIMEOUT) -> Non
 
 
 def save(
-    qmp: QmpSession, cache: SnapshotCache, key: SnapshotKey, extra: dict[str, Any]
+    qmp: QmpSession,
+    cache: SnapshotCache,
+    key: SnapshotKey,
+    extra: dict[str, Any],
+    *,
+    resume: bool = True,
 ) -> Snapshot | None:
-    """Save the running guest behind `qmp` as `key`'s snapshot and let it run on.
+    """Save the running guest behind `qmp` as `key`'s snapshot.
 
-    The guest is paused for the save (about a second) and resumed whatever happens.
+    The guest is paused for the save (about a second). With `resume` it runs on
+    afterwards; without, a saved guest stays paused (its QEMU is about to be stopped),
+    and a failed save resumes it all the same, so the caller can go on with it.
     Returns the snapshot, None when another test saved the same key first; raises
     SnapshotError (nothing left behind) when the save fails, e.g. on a full disk, and
     ResumeError when the guest cannot run on (`resume_after_save`).
@@ -547,13 +566,18 @@ def save(
     try:
         qmp.execute("migrate-set-capabilities", _capabilities(True))
         qmp.execute("stop")
+        saved = False
         try:
             mark = qmp.mark()
             qmp.execute("migrate", {"uri": f"file:{data_path}"})
             _wait_migration(qmp, mark, SAVE_TIMEOUT)
+            saved = True
         finally:
-            resume_after_save(qmp)
-            qmp.execute("migrate-set-capabilities", _capabilities(False))
+            if resume or not saved:
+                resume_after_save(qmp)
+                qmp.execute("migrate-set-capabilities", _capabilities(False))
+            else:
+                wait_finalized(qmp)  # the file is complete once QEMU has finalized
     except BaseException:
         with contextlib.suppress(OSError):
             data_path.unlink()
