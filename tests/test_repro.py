@@ -157,6 +157,25 @@ def test_a_cold_starts_snapshot_save_after_ready_is_not_a_step() -> None:
     assert found.ready == 10.0
 
 
+def test_machines_a_start_stopped_before_the_tests_own_do_not_end_its_steps() -> None:
+    # The first test of a machine: a cold boot (ready at 4) saves the snapshot, is
+    # killed, and the test goes on with a restore (ready at 10): the test's machine is
+    # the last one made ready, and the killed one does not close the window.
+    earlier = [
+        machine(3.0, "launch", argv=[]),
+        machine(4.0, "ready", seconds=1.0),
+        {"t": 5.0, "source": "start", "kind": "snapshot-save", "saved": "/c/x.ram"},
+        machine(5.1, "killed", status=-9),
+    ]
+    timeline = sorted([*earlier, *TIMELINE], key=lambda r: r["t"])
+    found = extract_steps(QMP, timeline, end=15.9)
+    assert found.ready == 10.0
+    assert [s.describe() for s in found.steps] == [
+        s.describe() for s in extract_steps(QMP, TIMELINE, end=15.9).steps
+    ]
+    assert extract_steps(QMP, timeline).end == 16.5  # the test's own machine's stop
+
+
 def test_teardown_commands_and_the_shutdown_ladder_are_not_steps() -> None:
     found = extract_steps(QMP, TIMELINE, end=15.9)
     described = [s.describe() for s in found.steps]

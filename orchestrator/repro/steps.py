@@ -11,9 +11,11 @@ file). A step is one thing the test did to the machine that a reproducer can do 
 
 What is not the test's own doing is left out, by kind and by time window:
 - `qmp_capabilities` (the handshake), always;
-- everything before the guest was ready (the machine's "ready" milestone): the
-  launcher's `human-monitor-command info usernet` and nothing else of the test's,
-  since `MachineScenario.setUp` returns only after the guest is ready;
+- everything before the guest was ready (the last machine "ready" milestone: a start
+  may have made ready and stopped another machine first, e.g. the cold boot that saved
+  the snapshot the test then restored): the launcher's `human-monitor-command info
+  usernet` and nothing else of the test's, since `MachineScenario.setUp` returns only
+  after the guest is ready;
 - a cold start's snapshot save, which follows its ready milestone (`stop`,
   `migrate`, `cont` and the capabilities around them): the window opens at the
   start's "snapshot-save" record when there is one;
@@ -198,8 +200,18 @@ def _first_t(records: Iterable[Mapping[str, Any]], source: str, kinds: set[str])
     return None
 
 
-def _shutdown_start(timeline: Sequence[Mapping[str, Any]]) -> float | None:
-    """When the machine began to stop: its "shutdown" record minus the ladder's duration."""
+def _last_t(records: Iterable[Mapping[str, Any]], source: str, kinds: set[str]) -> float | None:
+    times = [
+        float(record["t"])
+        for record in records
+        if record.get("source") == source and record.get("kind") in kinds
+    ]
+    return max(times) if times else None
+
+
+def _shutdown_start(timeline: Sequence[Mapping[str, Any]], after: float) -> float | None:
+    """When the test's machine began to stop: its "shutdown" record minus the ladder's
+    duration. Machines stopped before `after` (a start's, see extract_steps) are not it."""
     starts: list[float] = []
     for record in timeline:
         if record.get("source") != "machine":
@@ -209,6 +221,7 @@ def _shutdown_start(timeline: Sequence[Mapping[str, Any]]) -> float | None:
             starts.append(float(record["t"]) - float(record.get("seconds") or 0.0))
         elif kind in ("killed", "exited"):
             starts.append(float(record["t"]))
+    starts = [t for t in starts if t >= after]
     return min(starts) if starts else None
 
 
@@ -326,16 +339,18 @@ def extract_steps(
     the machine stopping ends the window. See the module docstring for what is
     excluded and how the failing step is chosen.
     """
-    ready = _first_t(timeline_records, "machine", {"ready"})
+    # The test's machine is the last one made ready: a start may have stopped others
+    # first (a restore QEMU refused, the cold boot that saved the snapshot).
+    ready = _last_t(timeline_records, "machine", {"ready"})
     if ready is None:
         # No ready milestone (a boot that never finished, or a machine without a
         # marker): start after the launcher's own SSH-port query.
-        ready = _first_t(timeline_records, "machine", {"ssh-port", "qmp-up"})
+        ready = _last_t(timeline_records, "machine", {"ssh-port", "qmp-up"})
     # A cold start saves its snapshot after ready: the harness's doing, not the test's.
     saved = _first_t(timeline_records, "start", {"snapshot-save"})
-    stop = _shutdown_start(timeline_records)
-    window_end = end if end is not None else stop
     lo = max(t for t in (ready, saved, -math.inf) if t is not None)
+    stop = _shutdown_start(timeline_records, after=lo)
+    window_end = end if end is not None else stop
     hi = window_end if window_end is not None else math.inf
     if stop is not None:
         hi = min(hi, stop)
