@@ -479,6 +479,18 @@ def test_the_guest_console_has_no_warning_bug_or_oops(
     assert not bad, result.stdout
 
 
+@pytest.mark.vm
+def test_every_guest_process_has_settled_before_the_ready_line(
+    raw_boot: tuple[subprocess.CompletedProcess[str], float],
+) -> None:
+    """A snapshot is taken at the ready line: init says on the console when a service
+    was not yet asleep in its wait, or eth0's link-up work had not run (the work every
+    restored guest would otherwise redo before its first answer)."""
+    result, _ = raw_boot
+    complaints = [line for line in result.stdout.splitlines() if "cvmlab-init:" in line]
+    assert not complaints, result.stdout
+
+
 # --------------------------------------------------------------------------- CLI
 
 
