@@ -276,7 +276,9 @@ def test_cold_then_warm_restores_a_working_reseeded_guest(
             assert info["mode"] == "warm", info
             assert machine.ready_by == "snapshot"
             if n == 0:
-                assert info["saved"].endswith(".ram") and "just saved" in info["reason"]
+                assert (
+                    info["saved"].endswith(".ram") and "which it had just saved" in info["reason"]
+                )
                 saving = info["notes"]["saving_boot"]
                 assert saving["reason"] == "no snapshot of this machine yet"
                 kept = tmp_path / "run0" / saving["evidence"]
@@ -344,6 +346,32 @@ def test_a_full_disk_while_saving_boots_cold_and_leaves_nothing(
         assert list(cache.root.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.mark.vm
+def test_a_save_that_lost_the_race_restores_the_other_tests_snapshot(
+    guest_image: ImageManifest, tmp_path: Path, spawned: list[Machine],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Another test committed the key first: this test's cold guest (left paused by its
+    save) is stopped, and the test goes on with a restore of the committed snapshot."""
+    from orchestrator.qemu import warm
+
+    real_save = warm.save
+
+    def lost_the_race(qmp, cache, key, extra, **kwargs):  # type: ignore[no-untyped-def]
+        real_save(qmp, cache, key, extra, **kwargs)
+        return None  # as cache.commit says when the key was committed first
+
+    monkeypatch.setattr(warm, "save", lost_the_race)
+    machine, record = _start(guest_image, tmp_path / "run", SnapshotCache(tmp_path / "s"))
+    with machine:
+        info = record.to_json()  # type: ignore[attr-defined]
+        assert info["mode"] == "warm" and info["saved"] == "not saved: another test did"
+        assert "which another test saved first" in info["reason"]
+        shell = machine.ssh(guest_image.ssh_user, guest_image.ssh_key, guest_image.host_key)
+        assert shell.run("true").exit_status == 0
+    assert [m.incoming for m in spawned] == [False, True]
 
 
 @pytest.mark.vm

@@ -175,11 +175,11 @@ def _restore(
     notes = restore_notes(snapshot.meta, time.time())
     saved = None
     if saved_by_this_test is not None:
-        reason += (
-            " that this test's cold boot had just saved (the save populated all of"
-            " QEMU's RAM backing)"
-        )
         saved = saved_by_this_test.saved
+        by = "another test saved first" if (saved or "").startswith("not") else "it had just saved"
+        reason += (
+            f" after this test's cold boot, which {by} (a save populates all of QEMU's RAM backing)"
+        )
         notes["saving_boot"] = {
             "seconds": None
             if saved_by_this_test.seconds is None
@@ -225,7 +225,10 @@ def _save(
         snapshot = save(
             machine.qmp, cache, key, {"saved_by": str(machine.evidence_dir)}, resume=False
         )
-        if snapshot is None:  # another test committed the same key first: use its
+        if snapshot is not None:
+            record.saved = str(snapshot.data_path)
+        else:  # another test committed the same key first: go on from its snapshot
+            record.saved = "not saved: another test did"
             try:
                 snapshot = cache.lookup(key)
             finally:
@@ -233,10 +236,6 @@ def _save(
                     resume_after_save(machine.qmp)
     except (SnapshotError, QmpError) as error:
         record.saved = f"not saved: {error}"
-    else:
-        record.saved = (
-            str(snapshot.data_path) if snapshot is not None else "not saved: another test did"
-        )
     _say(timeline, "snapshot-save", saved=record.saved, seconds=round(now() - started, 3))
     return snapshot
 
