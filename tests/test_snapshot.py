@@ -355,15 +355,13 @@ def test_a_save_that_lost_the_race_restores_the_other_tests_snapshot(
 ) -> None:  # fmt: skip
     """Another test committed the key first: this test's cold guest (left paused by its
     save) is stopped, and the test goes on with a restore of the committed snapshot."""
-    from orchestrator.qemu import warm
-
-    real_save = warm.save
+    from orchestrator.qemu.snapshot import save as real_save
 
     def lost_the_race(qmp, cache, key, extra, **kwargs):  # type: ignore[no-untyped-def]
         real_save(qmp, cache, key, extra, **kwargs)
         return None  # as cache.commit says when the key was committed first
 
-    monkeypatch.setattr(warm, "save", lost_the_race)
+    monkeypatch.setattr("orchestrator.qemu.warm.save", lost_the_race)
     machine, record = _start(guest_image, tmp_path / "run", SnapshotCache(tmp_path / "s"))
     with machine:
         info = record.to_json()  # type: ignore[attr-defined]
@@ -381,16 +379,14 @@ def test_a_save_that_finds_another_tests_snapshot_gone_runs_on_cold(
 ) -> None:  # fmt: skip
     """Another test committed the key first, and its snapshot is gone by the time this
     one looks: the guest this test saved (left paused) is resumed and used cold."""
-    from orchestrator.qemu import warm
-
-    real_save = warm.save
+    from orchestrator.qemu.snapshot import save as real_save
 
     def lost_the_race(qmp, cache, key, extra, **kwargs):  # type: ignore[no-untyped-def]
         real_save(qmp, cache, key, extra, **kwargs)
         cache.discard(key)
         return None
 
-    monkeypatch.setattr(warm, "save", lost_the_race)
+    monkeypatch.setattr("orchestrator.qemu.warm.save", lost_the_race)
     machine, record = _start(guest_image, tmp_path / "run", SnapshotCache(tmp_path / "s"))
     with machine:
         info = record.to_json()  # type: ignore[attr-defined]
