@@ -603,8 +603,14 @@ def repro_process(
     try:
         yield proc, evidence
     finally:
+        # SIGTERM first: repro shuts its guest down and removes its run directory (a
+        # SIGKILL left /tmp/cvmlab-*/qmp-human.sock behind when a test failed).
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait(30)
 
 
