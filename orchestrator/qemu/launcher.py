@@ -106,6 +106,11 @@ def _first_error_line(stderr: str) -> str:
     return lines[0] if lines else "no message on stderr"
 
 
+#: The files a Machine writes into its evidence directory (a start that stops one
+#: machine and launches another keeps the first one's aside: orchestrator.qemu.warm).
+EVIDENCE_FILES = ("serial.log", "qemu.stderr", "argv.json", "run.sh", "qmp.jsonl", "trace.log")
+
+
 class Machine:
     """A QEMU guest from launch to reaping. See the module docstring."""
 

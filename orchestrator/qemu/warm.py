@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import CvmlabError, QmpError
-from orchestrator.qemu.launcher import Machine
+from orchestrator.qemu.launcher import EVIDENCE_FILES, Machine
 from orchestrator.qemu.snapshot import (
     WARM_DEVICE_ARGS,
     Snapshot,
@@ -129,20 +129,19 @@ def start_guest(
     started = _restore(machine, cache, key, snapshot, timeline, saved_by_this_test=record)
     if isinstance(started, tuple):
         return started
-    record = StartRecord("cold", f"{started}, after this test saved it", key=key.digest)
+    record = StartRecord("cold", f"{started}, after this test's save", key=key.digest)
     return _cold(machine(extra_args=WARM_DEVICE_ARGS), record, boot_timeout, timeline)
 
 
 #: Where a test that saved its machine's snapshot keeps the evidence of that cold boot
 #: (the files a Machine writes), before it goes on with a restore of the snapshot.
 SAVING_BOOT_DIR = "saving-boot"
-_MACHINE_FILES = ("serial.log", "qemu.stderr", "argv.json", "run.sh", "qmp.jsonl", "trace.log")
 
 
 def _keep_saving_boot(evidence_dir: Path) -> None:
     kept = evidence_dir / SAVING_BOOT_DIR
     kept.mkdir(mode=0o700, exist_ok=True)
-    for name in _MACHINE_FILES:
+    for name in EVIDENCE_FILES:
         with contextlib.suppress(FileNotFoundError):
             (evidence_dir / name).rename(kept / name)
 
@@ -176,7 +175,7 @@ def _restore(
     saved = None
     if saved_by_this_test is not None:
         saved = saved_by_this_test.saved
-        by = "another test saved first" if (saved or "").startswith("not") else "it had just saved"
+        by = "it had just saved" if saved == str(snapshot.data_path) else "another test saved first"
         reason += (
             f" after this test's cold boot, which {by} (a save populates all of QEMU's RAM backing)"
         )
